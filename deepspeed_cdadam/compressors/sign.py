@@ -1,0 +1,119 @@
+"""Scaled sign compressors: one bit per coordinate plus one scale per block.
+
+For a block ``x_B`` of ``d_B`` real coordinates (padding excluded), with ``sign(0) := +1``:
+
+* ``scaled_sign_l1``: ``C(x_B) = (||x_B||_1 / d_B) * sign(x_B)``  (CD-Adam, Algorithm 1).
+  Keeps ``||C(x_B)||_1 = ||x_B||_1``.
+* ``scaled_sign_l2``: ``C(x_B) = (||x_B||_2 / sqrt(d_B)) * sign(x_B)``  (1-bit Adam).
+  Keeps ``||C(x_B)||_2 = ||x_B||_2``.
+
+An empty block has scale 0. Cost: ``d`` bits plus one scale (32 bits in fp32) per block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..types import Compressed
+from .base import Compressor, as_bytes, check_blocks, from_bytes, itemsize
+from .packing import pack_signs, packed_nbytes, unpack_signs
+
+
+def sign_plus(x: torch.Tensor) -> torch.Tensor:
+    """``sign(x)`` with ``sign(0) := +1``, in ``x``'s dtype."""
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+def _block_sums(values: torch.Tensor, blocks: tuple[int, ...]) -> torch.Tensor:
+    """Sum of ``values`` over each block (0 for an empty block)."""
+    if len(blocks) == 1:
+        return values.sum().reshape(1)
+    lengths = torch.tensor(blocks, device=values.device)
+    return torch.segment_reduce(values, "sum", lengths=lengths, unsafe=True, initial=0)
+
+
+def _expand(scale: torch.Tensor, blocks: tuple[int, ...]) -> torch.Tensor:
+    if len(blocks) == 1:
+        return scale.expand(blocks[0])
+    return scale.repeat_interleave(torch.tensor(blocks, device=scale.device))
+
+
+def l1_block_scales(x: torch.Tensor, block_sizes: Sequence[int]) -> torch.Tensor:
+    """``||x_B||_1 / d_B`` per block."""
+    blocks = check_blocks(x, block_sizes)
+    d = torch.tensor(blocks, dtype=x.dtype, device=x.device).clamp_min(1)
+    return _block_sums(x.abs(), blocks) / d
+
+
+def l2_block_scales(x: torch.Tensor, block_sizes: Sequence[int]) -> torch.Tensor:
+    """``||x_B||_2 / sqrt(d_B)`` per block."""
+    blocks = check_blocks(x, block_sizes)
+    d = torch.tensor(blocks, dtype=x.dtype, device=x.device).clamp_min(1)
+    return _block_sums(x * x, blocks).sqrt() / d.sqrt()
+
+
+def scaled_sign_l1(x: torch.Tensor, block_sizes: Sequence[int] | None = None) -> torch.Tensor:
+    """``(||x_B||_1 / d_B) * sign(x_B)`` on each block, the plain dense formula."""
+    blocks = (x.numel(),) if block_sizes is None else tuple(block_sizes)
+    return _expand(l1_block_scales(x, blocks), blocks) * sign_plus(x)
+
+
+def scaled_sign_l2(x: torch.Tensor, block_sizes: Sequence[int] | None = None) -> torch.Tensor:
+    """``(||x_B||_2 / sqrt(d_B)) * sign(x_B)`` on each block, the plain dense formula."""
+    blocks = (x.numel(),) if block_sizes is None else tuple(block_sizes)
+    return _expand(l2_block_scales(x, blocks), blocks) * sign_plus(x)
+
+
+class _ScaledSign(Compressor):
+    """Shared packing and wire format: ``[packed signs | one scale per block]``.
+
+    Subclasses set ``block_scales``, the per-block scale function.
+    """
+
+    block_scales = staticmethod(l1_block_scales)
+
+    def compress(self, x: torch.Tensor, block_sizes: Sequence[int], *, seed: int = 0) -> Compressed:
+        blocks = check_blocks(x, block_sizes)
+        return Compressed(pack_signs(x), self.block_scales(x, blocks), x.numel(), blocks)
+
+    def decompress(self, c: Compressed, *, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+        signs = unpack_signs(c.payload, c.numel, dtype)
+        return _expand(c.scale.to(dtype), c.block_sizes) * signs
+
+    def wire_nbytes(self, capacity: int, num_blocks: int, dtype: torch.dtype) -> int:
+        return packed_nbytes(capacity) + num_blocks * itemsize(dtype)
+
+    def to_wire(self, c: Compressed, capacity: int, num_blocks: int, dtype: torch.dtype) -> torch.Tensor:
+        wire = torch.zeros(self.wire_nbytes(capacity, num_blocks, dtype), dtype=torch.uint8, device=c.payload.device)
+        wire[: c.payload.numel()] = c.payload
+        scale_bytes = as_bytes(c.scale.to(dtype))
+        start = packed_nbytes(capacity)
+        wire[start : start + scale_bytes.numel()] = scale_bytes
+        return wire
+
+    def from_wire(
+        self, wire: torch.Tensor, numel: int, block_sizes: Sequence[int], capacity: int, dtype: torch.dtype
+    ) -> Compressed:
+        blocks = tuple(block_sizes)
+        start = packed_nbytes(capacity)
+        scale = from_bytes(wire[start:], dtype, len(blocks))
+        return Compressed(wire[: packed_nbytes(numel)], scale, numel, blocks)
+
+    def payload_bits(self, block_sizes: Sequence[int], dtype: torch.dtype = torch.float32) -> int:
+        return sum(block_sizes) + 8 * itemsize(dtype) * len(tuple(block_sizes))
+
+
+class ScaledSignL1(_ScaledSign):
+    """CD-Adam's compressor ``(||x_B||_1 / d_B) * sign(x_B)``."""
+
+    name = "scaled_sign"
+    block_scales = staticmethod(l1_block_scales)
+
+
+class ScaledSignL2(_ScaledSign):
+    """1-bit Adam's compressor ``(||x_B||_2 / sqrt(d_B)) * sign(x_B)``."""
+
+    name = "sign_l2"
+    block_scales = staticmethod(l2_block_scales)

@@ -1,0 +1,247 @@
+"""Exchange schemes: how one flat buffer per step travels worker -> server -> worker.
+
+The server role is sharded: rank ``j`` is the server of shard ``j`` of the buffer (see
+``ShardLayout``). One step of a compressed scheme is two collectives:
+
+* up:   each worker compresses its vector shard by shard and ``all_to_all``s the packed shards;
+        server ``j`` decompresses the ``n`` pieces of shard ``j`` and averages them (rank order).
+* down: server ``j`` compresses its shard and ``all_gather``s it; every worker decompresses all
+        shards into the full vector.
+
+Schemes (``make_exchange(name, ...)``):
+
+* ``markov`` (CD-Adam, EF21), Markov compression sequences both ways::
+
+      (1) worker i:  c_i    = C(g_i - h_i)           h_i: markov_state
+      (2)            h_i   += c_i
+      (3) server:    ghat  += mean_i c_i              ghat: server_markov_state (this shard)
+      (4)            ctil   = C(ghat - gtil)          gtil: down_markov_state
+      (5) worker i:  gtil  += ctil                    returns gtil
+
+  Algorithm 1, line 9 of the paper prints ``C(ghat_t - ghat_{t-1})``; the text calls it "another
+  Markov compression sequence" (``w^_{t+1} = w^_t + C(w_{t+1} - w^_t)``), so we compress
+  ``ghat - gtil``, which is that definition applied to ``w = ghat``.
+
+* ``error_feedback`` (1-bit Adam's compressed phase)::
+
+      (1) worker i:  p_i = x_i + e_i;   c_i = C(p_i);   e_i = p_i - c_i
+      (2) server:    q   = mean_i c_i + ebar;  ctil = C(q);  ebar = q - ctil
+      (3)            returns ctil (full vector)
+
+* ``naive``: ``C(mean_i C(x_i))``, no state.
+* ``none``: exact ``mean_i x_i`` with an all-reduce.
+
+Every scheme counts the bytes this rank sends (``CommStats``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from .comm.accounting import CommStats, all_gather_bytes_sent, all_reduce_bytes_sent, all_to_all_bytes_sent
+from .comm.layout import ShardLayout
+from .comm.transport import Transport
+from .compressors.base import Compressor
+from .types import DOWN_MARKOV_STATE, MARKOV_STATE, SERVER_ERROR, SERVER_MARKOV_STATE, WORKER_ERROR
+
+EXCHANGE_NAMES = ("markov", "error_feedback", "naive", "none")
+
+_UP, _DOWN = 0, 1
+
+
+def shared_seed(base_seed: int, step: int, group: int, direction: int, shard: int, sender: int) -> int:
+    """A seed every rank derives alike for one compressed message (rand-k indices)."""
+    h = base_seed & 0xFFFFFFFF
+    for v in (step, group, direction, shard, sender):
+        h = (h * 1_000_003 + v + 0x9E3779B9) % (1 << 61)
+    return h
+
+
+def mean_in_rank_order(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """``(p_0 + p_1 + ... + p_{n-1}) / n``, summed left to right (so every implementation agrees bitwise)."""
+    total = pieces[0].clone()
+    for p in pieces[1:]:
+        total += p
+    return total / len(pieces)
+
+
+class Exchange(ABC):
+    """Averages one flat buffer over the ranks. ``state`` is the group's optimizer state dict."""
+
+    def __init__(self, transport: Transport, layout: ShardLayout, stats: CommStats | None = None) -> None:
+        if layout.world_size != transport.world_size:
+            raise ValueError(
+                f"layout.world_size={layout.world_size} does not match the transport's world_size={transport.world_size}."
+            )
+        self.transport = transport
+        self.layout = layout
+        self.stats = stats if stats is not None else CommStats()
+
+    @property
+    def rank(self) -> int:
+        return self.transport.rank
+
+    def init_state(self, state: dict, like: torch.Tensor) -> None:
+        """Create this scheme's state buffers in ``state`` (zeros)."""
+
+    @abstractmethod
+    def exchange(self, x: torch.Tensor, state: dict, *, step: int, group: int = 0) -> torch.Tensor:
+        """Return the estimate of ``mean_i x_i`` that every rank receives (identical on all ranks)."""
+
+
+class AllReduceExchange(Exchange):
+    """``none``: exact average with one all-reduce."""
+
+    def exchange(self, x: torch.Tensor, state: dict, *, step: int, group: int = 0) -> torch.Tensor:
+        out = self.transport.all_reduce_sum(x.clone()).div_(self.transport.world_size)
+        sent = all_reduce_bytes_sent(x.numel() * x.element_size(), self.transport.world_size)
+        self.stats.bytes_up += sent / 2
+        self.stats.bytes_down += sent / 2
+        self.stats.bytes_handed += x.numel() * x.element_size()
+        self.stats.collective_calls += 1
+        return out
+
+
+class CompressedExchange(Exchange):
+    """The two compressed collectives, shared by every compressed scheme."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        layout: ShardLayout,
+        compressor: Compressor,
+        stats: CommStats | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(transport, layout, stats)
+        self.compressor = compressor
+        self.seed = seed
+
+    def _wire_nbytes(self, dtype: torch.dtype) -> int:
+        return self.compressor.wire_nbytes(self.layout.capacity, self.layout.max_blocks, dtype)
+
+    def _encode(self, v: torch.Tensor, shard: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(wire bytes, C(v) as the receiver will decode it) for shard ``shard``'s vector ``v``."""
+        lay = self.layout
+        c = self.compressor.compress(v, lay.shard_blocks(shard), seed=seed)
+        wire = self.compressor.to_wire(c, lay.capacity, lay.max_blocks, v.dtype)
+        return wire, self.compressor.decompress(c, dtype=v.dtype, seed=seed)
+
+    def _decode(self, wire: torch.Tensor, shard: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+        lay = self.layout
+        c = self.compressor.from_wire(wire, lay.shard_sizes[shard], lay.shard_blocks(shard), lay.capacity, dtype)
+        return self.compressor.decompress(c, dtype=dtype, seed=seed)
+
+    def send_up(self, x: torch.Tensor, *, step: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Worker -> server. Returns (``C(x)`` full length, as the servers decode it;
+        ``mean_i C(x_i)`` on this rank's shard)."""
+        lay, n, me = self.layout, self.layout.world_size, self.rank
+        wires, local = [], []
+        for j in range(n):
+            wire, c = self._encode(x[lay.shard_slice(j)], j, shared_seed(self.seed, step, group, _UP, j, me))
+            wires.append(wire)
+            local.append(c)
+        send = torch.cat(wires)
+        recv = self.transport.all_to_all(send).view(n, -1)
+        pieces = [
+            self._decode(recv[i], me, x.dtype, shared_seed(self.seed, step, group, _UP, me, i)) for i in range(n)
+        ]
+        width = self._wire_nbytes(x.dtype)
+        self.stats.bytes_up += all_to_all_bytes_sent(width, n)
+        self.stats.bytes_handed += send.numel()
+        self.stats.collective_calls += 1
+        return torch.cat(local), mean_in_rank_order(pieces)
+
+    def send_down(self, shard_vec: torch.Tensor, *, step: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Server -> workers. Returns (``C(shard_vec)`` on this shard, ``C`` of every shard concatenated)."""
+        lay, n, me = self.layout, self.layout.world_size, self.rank
+        wire, mine = self._encode(shard_vec, me, shared_seed(self.seed, step, group, _DOWN, me, me))
+        recv = self.transport.all_gather(wire).view(n, -1)
+        full = torch.cat(
+            [self._decode(recv[j], j, shard_vec.dtype, shared_seed(self.seed, step, group, _DOWN, j, j)) for j in range(n)]
+        )
+        self.stats.bytes_down += all_gather_bytes_sent(wire.numel(), n)
+        self.stats.bytes_handed += wire.numel()
+        self.stats.collective_calls += 1
+        return mine, full
+
+    def server_slice(self) -> slice:
+        return self.layout.shard_slice(self.rank)
+
+
+class MarkovExchange(CompressedExchange):
+    """``markov``: CD-Adam's two Markov compression sequences (module docstring, steps (1)-(5))."""
+
+    def init_state(self, state: dict, like: torch.Tensor) -> None:
+        state[MARKOV_STATE] = torch.zeros_like(like)
+        state[SERVER_MARKOV_STATE] = torch.zeros(self.layout.shard_sizes[self.rank], dtype=like.dtype, device=like.device)
+        state[DOWN_MARKOV_STATE] = torch.zeros_like(like)
+
+    def exchange(self, x: torch.Tensor, state: dict, *, step: int, group: int = 0) -> torch.Tensor:
+        h, ghat, gtil = state[MARKOV_STATE], state[SERVER_MARKOV_STATE], state[DOWN_MARKOV_STATE]
+        # (1) worker i: c_i = C(g_i - h_i), sent to the servers
+        c_local, mean_c = self.send_up(x - h, step=step, group=group)
+        # (2) worker i: h_i <- h_i + c_i
+        h += c_local
+        # (3) server: ghat <- ghat + mean_i c_i
+        ghat += mean_c
+        # (4) server: ctil = C(ghat - gtil), sent to every worker
+        _, ctil = self.send_down(ghat - gtil[self.server_slice()], step=step, group=group)
+        # (5) worker i: gtil <- gtil + ctil
+        gtil += ctil
+        return gtil
+
+
+class ErrorFeedbackExchange(CompressedExchange):
+    """``error_feedback``: 1-bit Adam's compressed all-reduce with worker and server error buffers."""
+
+    def init_state(self, state: dict, like: torch.Tensor) -> None:
+        state[WORKER_ERROR] = torch.zeros_like(like)
+        state[SERVER_ERROR] = torch.zeros(self.layout.shard_sizes[self.rank], dtype=like.dtype, device=like.device)
+
+    def exchange(self, x: torch.Tensor, state: dict, *, step: int, group: int = 0) -> torch.Tensor:
+        e, ebar = state[WORKER_ERROR], state[SERVER_ERROR]
+        # (1) worker i: p_i = x_i + e_i; c_i = C(p_i); e_i <- p_i - c_i
+        p = x + e
+        c_local, mean_c = self.send_up(p, step=step, group=group)
+        torch.sub(p, c_local, out=e)
+        # (2) server: q = mean_i c_i + ebar; ctil = C(q); ebar <- q - ctil
+        q = mean_c + ebar
+        c_server, ctil = self.send_down(q, step=step, group=group)
+        torch.sub(q, c_server, out=ebar)
+        return ctil
+
+
+class NaiveExchange(CompressedExchange):
+    """``naive``: ``C(mean_i C(x_i))`` both ways with no memory."""
+
+    def exchange(self, x: torch.Tensor, state: dict, *, step: int, group: int = 0) -> torch.Tensor:
+        _, mean_c = self.send_up(x, step=step, group=group)
+        _, ctil = self.send_down(mean_c, step=step, group=group)
+        return ctil
+
+
+def make_exchange(
+    name: str,
+    transport: Transport,
+    layout: ShardLayout,
+    compressor: Compressor | None,
+    stats: CommStats | None = None,
+    seed: int = 0,
+) -> Exchange:
+    """Pick the scheme by name."""
+    match name:
+        case "none":
+            return AllReduceExchange(transport, layout, stats)
+        case "markov" | "error_feedback" | "naive" if compressor is None:
+            raise ValueError(f"exchange={name!r} needs a compressor.")
+        case "markov":
+            return MarkovExchange(transport, layout, compressor, stats, seed)
+        case "error_feedback":
+            return ErrorFeedbackExchange(transport, layout, compressor, stats, seed)
+        case "naive":
+            return NaiveExchange(transport, layout, compressor, stats, seed)
+        case _:
+            raise ValueError(f"Unknown exchange={name!r}. Allowed: {', '.join(EXCHANGE_NAMES)}.")

@@ -1,0 +1,142 @@
+"""Machinery shared by the compressed optimizers: validation, flat buffers, lazy exchanges.
+
+Each parameter group is one flat buffer: the gradients of its parameters (those with
+``requires_grad``; a missing ``.grad`` counts as zeros so every rank sends the same layout) are
+concatenated in order, exchanged with one pair of collectives, and the update is applied back to
+each parameter's slice. The group's state (moments and compression state, all flat) lives in
+``self.state[group["params"][0]]``; its per-rank entries are listed in ``types.PER_RANK_KEYS``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..comm.accounting import CommStats
+from ..comm.layout import ShardLayout
+from ..comm.transport import DEFAULT_TIMEOUT_S, TorchDistributedTransport, Transport
+from ..compressors.base import Compressor
+from ..compressors.registry import get_compressor
+from ..exchange import EXCHANGE_NAMES, Exchange, make_exchange
+from ..types import STEP
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def validate_adam_hparams(lr: object, betas: object, eps: object, weight_decay: object) -> None:
+    """Raise ``ValueError`` naming the first invalid hyperparameter and its allowed range."""
+    if not _is_number(lr) or not math.isfinite(lr) or lr < 0.0:  # type: ignore[operator, arg-type]
+        raise ValueError(f"Invalid lr={lr!r}. Must be a finite number >= 0.0.")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(_is_number(b) for b in betas):
+        raise ValueError(f"Invalid betas={betas!r}. Must be a pair of numbers in [0.0, 1.0).")
+    for i, b in enumerate(betas):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b!r}. Must be in [0.0, 1.0).")
+    if not _is_number(eps) or not eps > 0.0:  # type: ignore[operator]
+        raise ValueError(f"Invalid eps={eps!r}. Must be a number > 0.0.")
+    if not _is_number(weight_decay) or not weight_decay >= 0.0:  # type: ignore[operator]
+        raise ValueError(f"Invalid weight_decay={weight_decay!r}. Must be a number >= 0.0.")
+
+
+class CompressedOptimizer(torch.optim.Optimizer):
+    """Base class: one flat buffer and one ``Exchange`` per parameter group."""
+
+    def __init__(
+        self,
+        params: Any,
+        defaults: dict[str, Any],
+        *,
+        exchange: str,
+        compressor: str | Compressor,
+        block_size: int | None,
+        transport: Transport | None,
+        process_group: object | None,
+        timeout_s: float,
+        seed: int,
+    ) -> None:
+        if exchange not in EXCHANGE_NAMES:
+            raise ValueError(f"Unknown exchange={exchange!r}. Allowed: {', '.join(EXCHANGE_NAMES)}.")
+        super().__init__(params, defaults)
+        self.compressor = get_compressor(compressor)
+        ShardLayout(0, 1, block_size)  # validates block_size now, not at the first step
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"Invalid seed={seed!r}. Must be an int.")
+        self.block_size = block_size
+        self.exchange_name = exchange
+        self.seed = seed
+        self._transport = transport
+        self._process_group = process_group
+        self._timeout_s = timeout_s if timeout_s is not None else DEFAULT_TIMEOUT_S
+        self._exchanges: dict[int, Exchange] = {}
+        self.comm_stats = CommStats()
+        for group in self.param_groups:
+            self._check_group(group)
+
+    # --- transport and exchanges --------------------------------------------------------
+    @property
+    def transport(self) -> Transport:
+        if self._transport is None:
+            self._transport = TorchDistributedTransport(self._process_group, self._timeout_s)
+        return self._transport
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()  # type: ignore[misc]
+        state = dict(state)
+        for key in ("_transport", "_process_group", "_exchanges"):
+            state.pop(key, None)
+        return state
+
+    def _exchange_for(self, index: int, numel: int, name: str | None = None) -> Exchange:
+        key = index if name is None else (index, name)  # type: ignore[assignment]
+        if key not in self._exchanges:
+            layout = ShardLayout(numel, self.transport.world_size, self.block_size)
+            self._exchanges[key] = make_exchange(  # type: ignore[index]
+                name or self.exchange_name, self.transport, layout, self.compressor, self.comm_stats, self.seed
+            )
+        return self._exchanges[key]  # type: ignore[index]
+
+    # --- flat buffers ---------------------------------------------------------------------
+    @staticmethod
+    def _check_group(group: dict[str, Any]) -> None:
+        dtypes = {p.dtype for p in group["params"] if p.requires_grad}
+        if len(dtypes) > 1:
+            raise ValueError(
+                f"A parameter group mixes dtypes {sorted(str(d) for d in dtypes)}; one flat buffer needs one dtype. "
+                "Put parameters of different dtypes in separate groups."
+            )
+        if any(not p.is_floating_point() for p in group["params"] if p.requires_grad):
+            raise TypeError("Compressed optimizers need floating-point parameters.")
+
+    @staticmethod
+    def trainable(group: dict[str, Any]) -> list[torch.Tensor]:
+        return [p for p in group["params"] if p.requires_grad]
+
+    @staticmethod
+    def buffer_dtype(params: list[torch.Tensor]) -> torch.dtype:
+        """fp32 for fp16/bf16 parameters (master precision), else the parameters' dtype."""
+        return torch.promote_types(params[0].dtype, torch.float32)
+
+    def flat_grad(self, params: list[torch.Tensor]) -> torch.Tensor:
+        dtype = self.buffer_dtype(params)
+        parts = []
+        for p in params:
+            if p.grad is None:
+                parts.append(torch.zeros(p.numel(), dtype=dtype, device=p.device))
+            elif p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
+            else:
+                parts.append(p.grad.reshape(-1).to(dtype))
+        return torch.cat(parts)
+
+    def group_state(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The group's flat state, kept under its first parameter (created empty)."""
+        return self.state[group["params"][0]]
+
+    def _new_state(self, state: dict[str, Any], params: list[torch.Tensor]) -> torch.Tensor:
+        numel = sum(p.numel() for p in params)
+        state[STEP] = 0
+        return torch.zeros(numel, dtype=self.buffer_dtype(params), device=params[0].device)

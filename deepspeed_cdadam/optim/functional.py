@@ -1,0 +1,67 @@
+"""Pure per-buffer update math, shared by the optimizers (labels match their docstrings)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def amsgrad_direction(
+    estimate: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    max_exp_avg_sq: torch.Tensor | None,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> torch.Tensor:
+    """CD-Adam's worker update (Algorithm 1, lines 13-16), in place on the moments.
+
+    Returns ``m_t / sqrt(vhat_t + eps)``; with ``max_exp_avg_sq=None`` (Adam) ``v_t`` replaces ``vhat_t``.
+    """
+    # (6) m_t = beta1 m_{t-1} + (1 - beta1) gtil_t
+    exp_avg.mul_(beta1).add_(estimate, alpha=1 - beta1)
+    # (7) v_t = beta2 v_{t-1} + (1 - beta2) gtil_t^2
+    exp_avg_sq.mul_(beta2).addcmul_(estimate, estimate, value=1 - beta2)
+    # (8) vhat_t = max(vhat_{t-1}, v_t)
+    second = exp_avg_sq
+    if max_exp_avg_sq is not None:
+        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        second = max_exp_avg_sq
+    # (9) direction = m_t / sqrt(vhat_t + eps)
+    return exp_avg / (second + eps).sqrt()
+
+
+def adam_moments_(
+    grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor | None, *, beta1: float, beta2: float
+) -> None:
+    """1-bit Adam's moment update: ``m = b1 m + (1-b1) g``; ``v = b2 v + (1-b2) g^2`` unless ``v`` is frozen (None)."""
+    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+    if exp_avg_sq is not None:
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+
+
+def onebit_adam_direction(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, eps: float) -> torch.Tensor:
+    """DeepSpeed OnebitAdam's direction ``m / (sqrt(v) + eps)`` (no bias correction, as upstream)."""
+    return exp_avg / (exp_avg_sq.sqrt() + eps)
+
+
+def apply_update_(
+    params: list[torch.Tensor], direction: torch.Tensor, *, lr: float, weight_decay: float, decoupled: bool = True
+) -> None:
+    """``x <- x - lr * (direction + weight_decay * x)`` on each parameter's slice of the flat ``direction``.
+
+    ``decoupled`` only changes the order of operations: ``x *= 1 - lr*wd`` first (AdamW), or the
+    update built as ``direction + wd * x`` first (DeepSpeed OnebitAdam).
+    """
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            d = direction[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+            if weight_decay == 0.0:
+                p.add_(d.to(p.dtype), alpha=-lr)
+            elif decoupled:
+                p.mul_(1 - lr * weight_decay).add_(d.to(p.dtype), alpha=-lr)
+            else:
+                p.add_((d + weight_decay * p).to(p.dtype), alpha=-lr)

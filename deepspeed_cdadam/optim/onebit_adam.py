@@ -1,0 +1,108 @@
+"""1-bit Adam (Tang et al.), with the semantics of DeepSpeed's OnebitAdam, on any transport."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..comm.transport import Transport
+from ..compressors.base import Compressor
+from ..types import EXP_AVG, EXP_AVG_SQ, STEP
+from .base import CompressedOptimizer, validate_adam_hparams
+from .functional import adam_moments_, apply_update_, onebit_adam_direction
+
+
+class OneBitAdam(CompressedOptimizer):
+    r"""1-bit Adam: exact Adam for ``freeze_step`` steps, then frozen variance and 1-bit momentum.
+
+    .. math::
+       \begin{aligned}
+       &\textbf{warm-up } (t \le T_w):\\
+       &(1)\ g_t = \tfrac1n \textstyle\sum_i g^{(i)}_t \quad \text{(fp32 all-reduce)}\\
+       &(2)\ m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2\\
+       &\textbf{compressed } (t > T_w):\ v_t = v_{T_w} \text{ (frozen)}\\
+       &(3)\ m^{(i)}_t = \beta_1 m_{t-1} + (1-\beta_1) g^{(i)}_t \quad \text{(local gradient)}\\
+       &(4)\ \text{worker: } p_i = m^{(i)}_t + e_i,\ c_i = \mathcal C(p_i),\ e_i \leftarrow p_i - c_i\\
+       &(5)\ \text{server: } q = \tfrac1n\textstyle\sum_i c_i + \bar e,\ \tilde c = \mathcal C(q),\ \bar e \leftarrow q - \tilde c\\
+       &(6)\ m_t = \tilde c \quad \text{(identical on all ranks)}\\
+       &(7)\ x_{t+1} = x_t - \alpha\,\big(m_t / (\sqrt{v_t} + \epsilon) + \lambda x_t\big)
+       \end{aligned}
+
+    with :math:`\mathcal C(x_B) = \|x_B\|_2/\sqrt{d_B}\cdot\mathrm{sign}(x_B)`. Names: :math:`m`
+    ``exp_avg``, :math:`v` ``exp_avg_sq``, :math:`e_i` ``worker_error``, :math:`\bar e`
+    ``server_error`` (this rank's shard). As upstream: no bias correction, eps outside the root,
+    weight decay added to the update. Unlike upstream, step 1 updates the parameters (upstream's
+    first call only initialises its buffers) and the error buffers are kept in checkpoints.
+
+    The phase is ``state["step"] <= freeze_step``: warm-up. Steps (4)-(5) are
+    ``exchange.ErrorFeedbackExchange``.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        freeze_step: int = 100000,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        compressor: str | Compressor = "sign_l2",
+        block_size: int | None = None,
+        transport: Transport | None = None,
+        process_group: object | None = None,
+        timeout_s: float = 300.0,
+        seed: int = 0,
+    ) -> None:
+        validate_adam_hparams(lr, betas, eps, weight_decay)
+        if not isinstance(freeze_step, int) or isinstance(freeze_step, bool) or freeze_step < 0:
+            raise ValueError(f"Invalid freeze_step={freeze_step!r}. Must be an int >= 0.")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(
+            params,
+            defaults,
+            exchange="error_feedback",
+            compressor=compressor,
+            block_size=block_size,
+            transport=transport,
+            process_group=process_group,
+            timeout_s=timeout_s,
+            seed=seed,
+        )
+        self.freeze_step = freeze_step
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            params = self.trainable(group)
+            if not params:
+                continue
+            state = self.group_state(group)
+            grad = self.flat_grad(params)
+            compressed = self._exchange_for(index, grad.numel())
+            if not state:
+                zeros = self._new_state(state, params)
+                state[EXP_AVG] = zeros.clone()  # m_t
+                state[EXP_AVG_SQ] = zeros.clone()  # v_t (frozen after warm-up)
+                compressed.init_state(state, zeros)  # worker_error, server_error
+            state[STEP] += 1
+            beta1, beta2 = group["betas"]
+            if state[STEP] <= self.freeze_step:
+                # (1) exact average of the gradients; (2) Adam moments
+                exact = self._exchange_for(index, grad.numel(), "none")
+                mean_grad = exact.exchange(grad, state, step=state[STEP], group=index)
+                adam_moments_(mean_grad, state[EXP_AVG], state[EXP_AVG_SQ], beta1=beta1, beta2=beta2)
+            else:
+                # (3) local momentum, variance frozen
+                adam_moments_(grad, state[EXP_AVG], None, beta1=beta1, beta2=beta2)
+                # (4)-(6) error-feedback compressed average of the momentum
+                state[EXP_AVG].copy_(compressed.exchange(state[EXP_AVG], state, step=state[STEP], group=index))
+            # (7) x <- x - lr * (m / (sqrt(v) + eps) + wd * x)
+            direction = onebit_adam_direction(state[EXP_AVG], state[EXP_AVG_SQ], eps=group["eps"])
+            apply_update_(params, direction, lr=group["lr"], weight_decay=group["weight_decay"], decoupled=False)
+        return loss

@@ -1,0 +1,252 @@
+"""Reference simulator: n workers and a server in one process, written plainly from the papers.
+
+Each ``*Reference`` holds the model ``x`` (a flat tensor) and every worker's and the server's
+state in full (no packing, no sharding tricks). The only thing it shares with the distributed
+code is the ``ShardLayout``: ``C`` is applied shard by shard with the layout's blocks, exactly as
+a sharded server does. Tests demand that the distributed optimizers equal these references, and
+the references are themselves checked against a line-by-line transcription of Algorithm 1.
+
+``step(worker_grads)`` takes one gradient per worker and returns the new ``x``; ``bits_up`` /
+``bits_down`` count information bits per worker (``compressor.payload_bits``; fp32 for
+uncompressed traffic). ``run(ref, grad_fn, steps)`` drives one for experiments.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+
+from .comm.layout import ShardLayout
+from .compressors.base import Compressor
+from .compressors.registry import get_compressor
+from .exchange import shared_seed
+
+_UP, _DOWN = 0, 1
+
+
+def compress_by_shard(
+    compressor: Compressor,
+    x: torch.Tensor,
+    layout: ShardLayout,
+    *,
+    step: int,
+    group: int,
+    direction: int,
+    sender: int | None,
+) -> torch.Tensor:
+    """``C(x)`` applied to each server shard of ``x`` with that shard's blocks (the sharded layout).
+
+    ``sender`` is the worker for the up direction; None means the server of each shard (down).
+    """
+    parts = []
+    for j in range(layout.world_size):
+        seed = shared_seed(0, step, group, direction, j, j if sender is None else sender)
+        parts.append(compressor(x[layout.shard_slice(j)], layout.shard_blocks(j), seed=seed))
+    return torch.cat(parts)
+
+
+class Reference(ABC):
+    """Common bookkeeping: model, step counter, bit counters.
+
+    ``group`` is the parameter-group index the distributed optimizer would use (it feeds the
+    shared rand-k seeds).
+    """
+
+    def __init__(self, x0: torch.Tensor, n_workers: int, layout: ShardLayout | None, compressor: str | Compressor | None):
+        self.x = x0.detach().clone().reshape(-1)
+        self.n = n_workers
+        self.layout = layout or ShardLayout(self.x.numel(), 1)
+        self.compressor = get_compressor(compressor) if compressor is not None else None
+        self.t = 0
+        self.group = 0
+        self.bits_up = 0
+        self.bits_down = 0
+
+    def C_up(self, v: torch.Tensor, worker: int) -> torch.Tensor:
+        assert self.compressor is not None
+        self.bits_up += self._bits()
+        return compress_by_shard(
+            self.compressor, v, self.layout, step=self.t, group=self.group, direction=_UP, sender=worker
+        )
+
+    def C_down(self, v: torch.Tensor) -> torch.Tensor:
+        assert self.compressor is not None
+        self.bits_down += self._bits() / self.n  # each server shard is one n-th of the vector
+        return compress_by_shard(
+            self.compressor, v, self.layout, step=self.t, group=self.group, direction=_DOWN, sender=None
+        )
+
+    def _bits(self) -> int:
+        assert self.compressor is not None
+        return sum(
+            self.compressor.payload_bits(self.layout.shard_blocks(j), self.x.dtype) for j in range(self.layout.world_size)
+        )
+
+    def exact_mean(self, vs: list[torch.Tensor]) -> torch.Tensor:
+        self.bits_up += 32 * self.x.numel()
+        self.bits_down += 32 * self.x.numel()
+        return sum(vs) / self.n  # type: ignore[return-value]
+
+    @abstractmethod
+    def step(self, worker_grads: list[torch.Tensor]) -> torch.Tensor:
+        """One step with one gradient per worker; returns the new ``x``."""
+
+
+class AMSGradStep:
+    """``m, v, vhat`` and the update ``x -= lr * m / sqrt(vhat + eps)`` (+ decoupled weight decay)."""
+
+    def __init__(self, d: int, dtype: torch.dtype, lr: float, betas: tuple[float, float], eps: float,
+                 weight_decay: float, amsgrad: bool):
+        self.m = torch.zeros(d, dtype=dtype)
+        self.v = torch.zeros(d, dtype=dtype)
+        self.vhat = torch.zeros(d, dtype=dtype)
+        self.lr, (self.b1, self.b2), self.eps, self.wd, self.amsgrad = lr, betas, eps, weight_decay, amsgrad
+
+    def __call__(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        self.m = self.b1 * self.m + (1 - self.b1) * g
+        self.v = self.b2 * self.v + (1 - self.b2) * g * g
+        self.vhat = torch.maximum(self.vhat, self.v) if self.amsgrad else self.v
+        return x * (1 - self.lr * self.wd) - self.lr * (self.m / (self.vhat + self.eps).sqrt())
+
+
+class CDAdamReference(Reference):
+    """Algorithm 1 of the CD-Adam paper (line 9 as a Markov sequence of ghat: ``C(ghat - gtil)``)."""
+
+    def __init__(self, x0, n_workers, layout=None, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=True, compressor: str | Compressor = "scaled_sign"):
+        super().__init__(x0, n_workers, layout, compressor)
+        d, dt = self.x.numel(), self.x.dtype
+        self.ghat_i = [torch.zeros(d, dtype=dt) for _ in range(n_workers)]  # worker Markov states
+        self.ghat = torch.zeros(d, dtype=dt)  # server Markov state
+        self.gtil = torch.zeros(d, dtype=dt)  # down Markov state, identical on all workers
+        self.update = AMSGradStep(d, dt, lr, betas, eps, weight_decay, amsgrad)
+
+    def step(self, worker_grads):
+        self.t += 1
+        c = []
+        for i, g in enumerate(worker_grads):
+            c.append(self.C_up(g - self.ghat_i[i], i))  # line 5
+            self.ghat_i[i] = self.ghat_i[i] + c[i]  # line 6
+        self.ghat = self.ghat + sum(c) / self.n  # line 8
+        ctil = self.C_down(self.ghat - self.gtil)  # line 9 (Markov sequence of ghat)
+        self.gtil = self.gtil + ctil  # lines 10, 12
+        self.x = self.update(self.x, self.gtil)  # lines 13-16
+        return self.x
+
+
+class OneBitAdamReference(Reference):
+    """DeepSpeed's 1-bit Adam: Adam for ``freeze_step`` steps, then frozen v and EF-compressed momentum."""
+
+    def __init__(self, x0, n_workers, layout=None, *, lr=1e-3, freeze_step=10, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=0.0, compressor: str | Compressor = "sign_l2"):
+        super().__init__(x0, n_workers, layout, compressor)
+        d, dt = self.x.numel(), self.x.dtype
+        self.m = torch.zeros(d, dtype=dt)
+        self.v = torch.zeros(d, dtype=dt)
+        self.e = [torch.zeros(d, dtype=dt) for _ in range(n_workers)]  # worker errors
+        self.ebar = torch.zeros(d, dtype=dt)  # server error (all shards)
+        self.lr, (self.b1, self.b2), self.eps, self.wd, self.freeze_step = lr, betas, eps, weight_decay, freeze_step
+
+    def step(self, worker_grads):
+        self.t += 1
+        if self.t <= self.freeze_step:
+            g = self.exact_mean(worker_grads)
+            self.m = self.b1 * self.m + (1 - self.b1) * g
+            self.v = self.b2 * self.v + (1 - self.b2) * g * g
+        else:
+            c = []
+            for i, g in enumerate(worker_grads):
+                p = self.b1 * self.m + (1 - self.b1) * g + self.e[i]
+                c.append(self.C_up(p, i))
+                self.e[i] = p - c[i]
+            q = sum(c) / self.n + self.ebar
+            self.m = self.C_down(q)
+            self.ebar = q - self.m
+        update = self.m / (self.v.sqrt() + self.eps) + self.wd * self.x
+        self.x = self.x - self.lr * update
+        return self.x
+
+
+class EF21Reference(Reference):
+    """EF21 both ways (Markov compression up and down, as CD-Adam) with an SGD step ``x -= lr * gtil``."""
+
+    def __init__(self, x0, n_workers, layout=None, *, lr=0.1, compressor: str | Compressor | None = None, ratio=0.1):
+        super().__init__(x0, n_workers, layout, compressor or get_compressor("topk", ratio=ratio))
+        d, dt = self.x.numel(), self.x.dtype
+        self.ghat_i = [torch.zeros(d, dtype=dt) for _ in range(n_workers)]
+        self.ghat = torch.zeros(d, dtype=dt)
+        self.gtil = torch.zeros(d, dtype=dt)
+        self.lr = lr
+
+    def step(self, worker_grads):
+        self.t += 1
+        c = [self.C_up(g - self.ghat_i[i], i) for i, g in enumerate(worker_grads)]
+        self.ghat_i = [h + ci for h, ci in zip(self.ghat_i, c)]
+        self.ghat = self.ghat + sum(c) / self.n
+        self.gtil = self.gtil + self.C_down(self.ghat - self.gtil)
+        self.x = self.x - self.lr * self.gtil
+        return self.x
+
+
+class ErrorFeedbackAMSGradReference(Reference):
+    """AMSGrad on gradients averaged with error feedback both ways (worker and server errors)."""
+
+    def __init__(self, x0, n_workers, layout=None, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=True, compressor: str | Compressor = "scaled_sign"):
+        super().__init__(x0, n_workers, layout, compressor)
+        d, dt = self.x.numel(), self.x.dtype
+        self.e = [torch.zeros(d, dtype=dt) for _ in range(n_workers)]
+        self.ebar = torch.zeros(d, dtype=dt)
+        self.update = AMSGradStep(d, dt, lr, betas, eps, weight_decay, amsgrad)
+
+    def step(self, worker_grads):
+        self.t += 1
+        c = []
+        for i, g in enumerate(worker_grads):
+            p = g + self.e[i]
+            c.append(self.C_up(p, i))
+            self.e[i] = p - c[i]
+        q = sum(c) / self.n + self.ebar
+        ctil = self.C_down(q)
+        self.ebar = q - ctil
+        self.x = self.update(self.x, ctil)
+        return self.x
+
+
+class NaiveAMSGradReference(Reference):
+    """AMSGrad on ``C(mean_i C(g_i))``: compression both ways with no memory."""
+
+    def __init__(self, x0, n_workers, layout=None, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=True, compressor: str | Compressor = "scaled_sign"):
+        super().__init__(x0, n_workers, layout, compressor)
+        self.update = AMSGradStep(self.x.numel(), self.x.dtype, lr, betas, eps, weight_decay, amsgrad)
+
+    def step(self, worker_grads):
+        self.t += 1
+        c = [self.C_up(g, i) for i, g in enumerate(worker_grads)]
+        self.x = self.update(self.x, self.C_down(sum(c) / self.n))
+        return self.x
+
+
+class AMSGradReference(Reference):
+    """Uncompressed distributed AMSGrad (exact fp32 averaging)."""
+
+    def __init__(self, x0, n_workers, layout=None, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=True):
+        super().__init__(x0, n_workers, layout, None)
+        self.update = AMSGradStep(self.x.numel(), self.x.dtype, lr, betas, eps, weight_decay, amsgrad)
+
+    def step(self, worker_grads):
+        self.t += 1
+        self.x = self.update(self.x, self.exact_mean(worker_grads))
+        return self.x
+
+
+def run(ref: Reference, grad_fn: Callable[[int, torch.Tensor, int], torch.Tensor], steps: int) -> list[torch.Tensor]:
+    """Drive ``ref`` for ``steps`` steps; ``grad_fn(worker, x, t)`` gives worker's gradient. Returns the iterates."""
+    xs = []
+    for t in range(1, steps + 1):
+        xs.append(ref.step([grad_fn(i, ref.x, t) for i in range(ref.n)]).clone())
+    return xs

@@ -1,0 +1,48 @@
+"""Shared names: the ``Compressed`` payload, optimizer state keys and error classes.
+
+State keys are grouped by checkpoint policy (Distributed Shampoo's habit). The optimizers
+keep one flat buffer per parameter group, stored in ``optimizer.state[group["params"][0]]``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Compressed(NamedTuple):
+    """What a compressor produces for one vector (one shard) before it goes on the wire.
+
+    ``payload``: packed sign bits (uint8), top-k values, or rand-k values.
+    ``scale``: one scale per block for sign compressors; indices (int64) for top-k; empty otherwise.
+    ``numel``: real coordinates (padding excluded). ``block_sizes``: the block layout used.
+    """
+
+    payload: torch.Tensor
+    scale: torch.Tensor
+    numel: int
+    block_sizes: tuple[int, ...]
+
+
+# Keys for optimizer state (always checkpointed; identical on every rank).
+STEP = "step"
+EXP_AVG = "exp_avg"  # m_t
+EXP_AVG_SQ = "exp_avg_sq"  # v_t
+MAX_EXP_AVG_SQ = "max_exp_avg_sq"  # \hat v_t
+DOWN_MARKOV_STATE = "down_markov_state"  # \tilde g_t, the server->worker Markov state (same on all ranks)
+
+# Keys for per-rank state (differs between ranks; saved per rank).
+MARKOV_STATE = "markov_state"  # \hat g^{(i)}_t, worker i's Markov state
+SERVER_MARKOV_STATE = "server_markov_state"  # \hat g_t restricted to this rank's server shard
+WORKER_ERROR = "worker_error"  # e_t, worker error-feedback buffer (1-bit Adam)
+SERVER_ERROR = "server_error"  # \bar e_t, server error-feedback buffer on this rank's shard
+
+# Keys never checkpointed (rebuilt from the config).
+LAYOUT_NUMEL = "layout_numel"
+
+PER_RANK_KEYS = (MARKOV_STATE, SERVER_MARKOV_STATE, WORKER_ERROR, SERVER_ERROR)
+
+
+class CommTimeoutError(RuntimeError):
+    """A collective did not complete within the configured timeout (a peer died or stalled)."""
