@@ -1,0 +1,62 @@
+"""Multi-process tests on CPU with gloo: the real torch.distributed transport."""
+
+import pytest
+import torch
+
+from deepspeed_cdadam import CDAdam, TorchDistributedTransport
+from deepspeed_cdadam.comm.accounting import all_reduce_bytes_sent
+from tests.distributed import spawn
+from tests.harness import max_abs_diff, run_optimizer, run_reference
+
+STEPS = 25
+GLOO_CASES = ("cdadam", "onebit", "cdadam_randk")
+
+
+def _train(rank, world_size, out_dir):
+    for case in GLOO_CASES:
+        history, stats = run_optimizer(case, rank, TorchDistributedTransport(timeout_s=60), STEPS)
+        torch.save({"history": history, "bytes_sent": stats.bytes_sent}, f"{out_dir}/{case}-{rank}.pt")
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_gloo_matches_simulator(tmp_path, world_size):
+    spawn(_train, world_size, str(tmp_path))
+    for case in GLOO_CASES:
+        expected = run_reference(case, world_size, STEPS)
+        for rank in range(world_size):
+            got = torch.load(tmp_path / f"{case}-{rank}.pt")
+            assert max_abs_diff(got["history"], expected) <= 1e-12, (case, rank)
+            assert got["bytes_sent"] > 0
+
+
+NUMEL = 1_048_583  # > 1M, not a multiple of 8 * world_size
+
+
+def _bytes_per_step(rank, world_size, out_dir):
+    p = torch.nn.Parameter(torch.zeros(NUMEL))
+    opt = CDAdam([p], lr=1e-3)
+    gen = torch.Generator().manual_seed(rank)
+    sent = []
+    for _ in range(2):
+        p.grad = torch.randn(NUMEL, generator=gen)
+        before = opt.comm_stats.snapshot()
+        opt.step()
+        after = opt.comm_stats
+        sent.append((after.bytes_up - before.bytes_up, after.bytes_down - before.bytes_down,
+                     after.bytes_handed - before.bytes_handed, after.collective_calls - before.collective_calls))
+    torch.save(sent, f"{out_dir}/bytes-{rank}.pt")
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_cd_adam_sends_at_most_one_28th_of_fp32_all_reduce(tmp_path, world_size):
+    spawn(_bytes_per_step, world_size, str(tmp_path))
+    fp32_all_reduce = all_reduce_bytes_sent(4 * NUMEL, world_size)
+    shard = -(-NUMEL // world_size)
+    wire = -(-shard // 8) + 4  # packed signs of the longest shard + one fp32 scale
+    for rank in range(world_size):
+        for up, down, handed, calls in torch.load(tmp_path / f"bytes-{rank}.pt"):
+            assert calls == 2  # one all_to_all up, one all_gather down
+            assert up == (world_size - 1) * wire and down == (world_size - 1) * wire
+            assert handed == world_size * wire + wire  # all_to_all input + all_gather input
+            assert (up + down) / fp32_all_reduce <= 1 / 28
+            assert handed / (4 * NUMEL) <= 1 / 16  # input bytes vs the fp32 buffer an all-reduce is handed

@@ -1,0 +1,83 @@
+"""Bad input gets a clear error naming the argument and what is allowed."""
+
+import re
+
+import pytest
+import torch
+
+from deepspeed_cdadam import CDAdam, InProcessWorld, OneBitAdam
+
+
+def _p(dtype=torch.float32):
+    return torch.nn.Parameter(torch.zeros(4, dtype=dtype))
+
+
+def _tr(n=1):
+    return InProcessWorld(n).transports[0]
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"lr": -1.0}, "Invalid lr=-1.0. Must be a finite number >= 0.0."),
+        ({"lr": "0.1"}, "Invalid lr='0.1'. Must be a finite number >= 0.0."),
+        ({"betas": (0.9,)}, "Invalid betas=(0.9,). Must be a pair of numbers in [0.0, 1.0)."),
+        ({"betas": (0.9, 1.0)}, "Invalid beta parameter at index 1: 1.0. Must be in [0.0, 1.0)."),
+        ({"eps": 0.0}, "Invalid eps=0.0. Must be a number > 0.0."),
+        ({"weight_decay": -0.1}, "Invalid weight_decay=-0.1. Must be a number >= 0.0."),
+        ({"exchange": "markow"}, "Unknown exchange='markow'. Allowed: markov, error_feedback, naive, none."),
+        ({"compressor": "sign"}, "Unknown compressor='sign'. Allowed: scaled_sign, sign_l2, topk, randk."),
+        ({"block_size": 0}, "Invalid block_size=0. Must be None (one block per shard) or an int >= 1."),
+    ],
+)
+def test_cd_adam_rejects(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        CDAdam([_p()], transport=_tr(), **kwargs)
+
+
+def test_amsgrad_must_be_bool():
+    with pytest.raises(TypeError, match=re.escape("Invalid amsgrad='yes'. Must be a bool.")):
+        CDAdam([_p()], amsgrad="yes", transport=_tr())
+
+
+@pytest.mark.parametrize("freeze_step", [-1, 1.5, True])
+def test_onebit_freeze_step_validated(freeze_step):
+    with pytest.raises(ValueError, match=re.escape(f"Invalid freeze_step={freeze_step!r}. Must be an int >= 0.")):
+        OneBitAdam([_p()], freeze_step=freeze_step, transport=_tr())
+
+
+def test_mixed_dtypes_in_a_group_rejected():
+    with pytest.raises(ValueError, match="A parameter group mixes dtypes"):
+        CDAdam([_p(torch.float32), _p(torch.float64)], transport=_tr())
+
+
+def test_sparse_gradients_rejected():
+    p = _p()
+    p.grad = torch.zeros(4).to_sparse()
+    with pytest.raises(RuntimeError, match="CDAdam does not support sparse gradients."):
+        CDAdam([p], transport=_tr()).step()
+
+
+def test_without_process_group_the_error_says_what_to_do():
+    p = _p()
+    p.grad = torch.ones(4)
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
+        CDAdam([p]).step()
+
+
+def test_transport_world_size_must_match_layout():
+    from deepspeed_cdadam.comm import ShardLayout
+    from deepspeed_cdadam.exchange import make_exchange
+
+    with pytest.raises(ValueError, match="layout.world_size=2 does not match the transport's world_size=1"):
+        make_exchange("none", _tr(), ShardLayout(8, 2), None)
+
+
+def test_fp16_params_use_fp32_buffers():
+    p = torch.nn.Parameter(torch.ones(6, dtype=torch.float16))
+    p.grad = torch.full((6,), 0.5, dtype=torch.float16)
+    opt = CDAdam([p], lr=0.1, transport=_tr())
+    opt.step()
+    state = opt.state[p]
+    assert state["exp_avg"].dtype == torch.float32 and p.dtype == torch.float16
+    assert torch.all(p < 1.0)
