@@ -57,12 +57,12 @@ def _compressor(kwargs: dict) -> dict:
     return out
 
 
-def run_optimizer(case: str, rank: int, transport, steps: int, dtype=torch.float64, block_size=None):
+def run_optimizer(case: str, rank: int, transport, steps: int, dtype=torch.float64, block_size=None, device="cpu"):
     opt_cls, kwargs, _, _ = CASES[case]
     params = []
     groups = []
     for gi, (shapes, x0) in enumerate(zip(GROUP_SHAPES, initial_groups(dtype))):
-        ps = [torch.nn.Parameter(t.reshape(s).clone()) for t, s in zip(x0.split([torch.Size(s).numel() for s in shapes]), shapes)]
+        ps = [torch.nn.Parameter(t.reshape(s).clone().to(device)) for t, s in zip(x0.split([torch.Size(s).numel() for s in shapes]), shapes)]
         params.append(ps)
         groups.append({"params": ps, "lr": GROUP_LR[gi]})
     opt = opt_cls(groups, transport=transport, block_size=block_size, **_compressor(kwargs))
@@ -70,11 +70,11 @@ def run_optimizer(case: str, rank: int, transport, steps: int, dtype=torch.float
     for t in range(1, steps + 1):
         for gi, ps in enumerate(params):
             flat = torch.cat([p.detach().reshape(-1) for p in ps])
-            g = gradient(gi, rank, t, flat)
+            g = gradient(gi, rank, t, flat.cpu()).to(device)
             for pi, (p, gp) in enumerate(zip(ps, g.split([p.numel() for p in ps]))):
                 p.grad = None if (gi, pi) == NO_GRAD else gp.reshape(p.shape).clone()
         opt.step()
-        history.append([torch.cat([p.detach().reshape(-1) for p in ps]) for ps in params])
+        history.append([torch.cat([p.detach().reshape(-1) for p in ps]).cpu() for ps in params])
     return history, opt.comm_stats
 
 
