@@ -13,11 +13,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "COMPRESSOR_NAMES",
+    "EXCHANGE_NAMES",
     "CDAdam",
     "CommStats",
     "CommTimeoutError",
     "Compressor",
-    "EXCHANGE_NAMES",
     "InProcessWorld",
     "OneBitAdam",
     "ShardLayout",

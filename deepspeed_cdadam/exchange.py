@@ -145,9 +145,7 @@ class CompressedExchange(Exchange):
             local.append(c)
         send = torch.cat(wires)
         recv = self.transport.all_to_all(send).view(n, -1)
-        pieces = [
-            self._decode(recv[i], me, x.dtype, shared_seed(self.seed, step, group, _UP, me, i)) for i in range(n)
-        ]
+        pieces = [self._decode(recv[i], me, x.dtype, shared_seed(self.seed, step, group, _UP, me, i)) for i in range(n)]
         width = self._wire_nbytes(x.dtype)
         self.stats.bytes_up += all_to_all_bytes_sent(width, n)
         self.stats.bytes_handed += send.numel()
@@ -156,11 +154,14 @@ class CompressedExchange(Exchange):
 
     def send_down(self, shard_vec: torch.Tensor, *, step: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Server -> workers. Returns (``C(shard_vec)`` on this shard, ``C`` of every shard concatenated)."""
-        lay, n, me = self.layout, self.layout.world_size, self.rank
+        n, me = self.layout.world_size, self.rank
         wire, mine = self._encode(shard_vec, me, shared_seed(self.seed, step, group, _DOWN, me, me))
         recv = self.transport.all_gather(wire).view(n, -1)
         full = torch.cat(
-            [self._decode(recv[j], j, shard_vec.dtype, shared_seed(self.seed, step, group, _DOWN, j, j)) for j in range(n)]
+            [
+                self._decode(recv[j], j, shard_vec.dtype, shared_seed(self.seed, step, group, _DOWN, j, j))
+                for j in range(n)
+            ]
         )
         self.stats.bytes_down += all_gather_bytes_sent(wire.numel(), n)
         self.stats.bytes_handed += wire.numel()
@@ -176,7 +177,9 @@ class MarkovExchange(CompressedExchange):
 
     def init_state(self, state: dict, like: torch.Tensor) -> None:
         state[MARKOV_STATE] = torch.zeros_like(like)
-        state[SERVER_MARKOV_STATE] = torch.zeros(self.layout.shard_sizes[self.rank], dtype=like.dtype, device=like.device)
+        state[SERVER_MARKOV_STATE] = torch.zeros(
+            self.layout.shard_sizes[self.rank], dtype=like.dtype, device=like.device
+        )
         state[DOWN_MARKOV_STATE] = torch.zeros_like(like)
 
     def exchange(self, x: torch.Tensor, state: dict, *, step: int, group: int = 0) -> torch.Tensor:

@@ -20,8 +20,15 @@ class NonconvexLogistic:
     lam: float = 0.1
 
     @classmethod
-    def synthetic(cls, n_workers: int = 4, samples: int = 200, dim: int = 20, lam: float = 0.1,
-                  seed: int = 0, dtype: torch.dtype = torch.float64) -> NonconvexLogistic:
+    def synthetic(
+        cls,
+        n_workers: int = 4,
+        samples: int = 200,
+        dim: int = 20,
+        lam: float = 0.1,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float64,
+    ) -> NonconvexLogistic:
         """Heterogeneous workers: each draws features around its own mean and labels from a shared
         noisy linear model."""
         gen = torch.Generator().manual_seed(seed)

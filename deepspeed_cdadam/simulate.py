@@ -54,7 +54,9 @@ class Reference(ABC):
     shared rand-k seeds).
     """
 
-    def __init__(self, x0: torch.Tensor, n_workers: int, layout: ShardLayout | None, compressor: str | Compressor | None):
+    def __init__(
+        self, x0: torch.Tensor, n_workers: int, layout: ShardLayout | None, compressor: str | Compressor | None
+    ):
         self.x = x0.detach().clone().reshape(-1)
         self.n = n_workers
         self.layout = layout or ShardLayout(self.x.numel(), 1)
@@ -81,7 +83,8 @@ class Reference(ABC):
     def _bits(self) -> int:
         assert self.compressor is not None
         return sum(
-            self.compressor.payload_bits(self.layout.shard_blocks(j), self.x.dtype) for j in range(self.layout.world_size)
+            self.compressor.payload_bits(self.layout.shard_blocks(j), self.x.dtype)
+            for j in range(self.layout.world_size)
         )
 
     def exact_mean(self, vs: list[torch.Tensor]) -> torch.Tensor:
@@ -97,8 +100,16 @@ class Reference(ABC):
 class AMSGradStep:
     """``m, v, vhat`` and the update ``x -= lr * m / sqrt(vhat + eps)`` (+ decoupled weight decay)."""
 
-    def __init__(self, d: int, dtype: torch.dtype, lr: float, betas: tuple[float, float], eps: float,
-                 weight_decay: float, amsgrad: bool):
+    def __init__(
+        self,
+        d: int,
+        dtype: torch.dtype,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        amsgrad: bool,
+    ):
         self.m = torch.zeros(d, dtype=dtype)
         self.v = torch.zeros(d, dtype=dtype)
         self.vhat = torch.zeros(d, dtype=dtype)
@@ -114,8 +125,19 @@ class AMSGradStep:
 class CDAdamReference(Reference):
     """Algorithm 1 of the CD-Adam paper (line 9 as a Markov sequence of ghat: ``C(ghat - gtil)``)."""
 
-    def __init__(self, x0, n_workers, layout=None, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=True, compressor: str | Compressor = "scaled_sign"):
+    def __init__(
+        self,
+        x0,
+        n_workers,
+        layout=None,
+        *,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        amsgrad=True,
+        compressor: str | Compressor = "scaled_sign",
+    ):
         super().__init__(x0, n_workers, layout, compressor)
         d, dt = self.x.numel(), self.x.dtype
         self.ghat_i = [torch.zeros(d, dtype=dt) for _ in range(n_workers)]  # worker Markov states
@@ -139,8 +161,19 @@ class CDAdamReference(Reference):
 class OneBitAdamReference(Reference):
     """DeepSpeed's 1-bit Adam: Adam for ``freeze_step`` steps, then frozen v and EF-compressed momentum."""
 
-    def __init__(self, x0, n_workers, layout=None, *, lr=1e-3, freeze_step=10, betas=(0.9, 0.999), eps=1e-8,
-                 weight_decay=0.0, compressor: str | Compressor = "sign_l2"):
+    def __init__(
+        self,
+        x0,
+        n_workers,
+        layout=None,
+        *,
+        lr=1e-3,
+        freeze_step=10,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        compressor: str | Compressor = "sign_l2",
+    ):
         super().__init__(x0, n_workers, layout, compressor)
         d, dt = self.x.numel(), self.x.dtype
         self.m = torch.zeros(d, dtype=dt)
@@ -193,8 +226,19 @@ class EF21Reference(Reference):
 class ErrorFeedbackAMSGradReference(Reference):
     """AMSGrad on gradients averaged with error feedback both ways (worker and server errors)."""
 
-    def __init__(self, x0, n_workers, layout=None, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=True, compressor: str | Compressor = "scaled_sign"):
+    def __init__(
+        self,
+        x0,
+        n_workers,
+        layout=None,
+        *,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        amsgrad=True,
+        compressor: str | Compressor = "scaled_sign",
+    ):
         super().__init__(x0, n_workers, layout, compressor)
         d, dt = self.x.numel(), self.x.dtype
         self.e = [torch.zeros(d, dtype=dt) for _ in range(n_workers)]
@@ -218,8 +262,19 @@ class ErrorFeedbackAMSGradReference(Reference):
 class NaiveAMSGradReference(Reference):
     """AMSGrad on ``C(mean_i C(g_i))``: compression both ways with no memory."""
 
-    def __init__(self, x0, n_workers, layout=None, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=True, compressor: str | Compressor = "scaled_sign"):
+    def __init__(
+        self,
+        x0,
+        n_workers,
+        layout=None,
+        *,
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        amsgrad=True,
+        compressor: str | Compressor = "scaled_sign",
+    ):
         super().__init__(x0, n_workers, layout, compressor)
         self.update = AMSGradStep(self.x.numel(), self.x.dtype, lr, betas, eps, weight_decay, amsgrad)
 
@@ -233,8 +288,9 @@ class NaiveAMSGradReference(Reference):
 class AMSGradReference(Reference):
     """Uncompressed distributed AMSGrad (exact fp32 averaging)."""
 
-    def __init__(self, x0, n_workers, layout=None, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=True):
+    def __init__(
+        self, x0, n_workers, layout=None, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=True
+    ):
         super().__init__(x0, n_workers, layout, None)
         self.update = AMSGradStep(self.x.numel(), self.x.dtype, lr, betas, eps, weight_decay, amsgrad)
 

@@ -24,7 +24,9 @@ parser.add_argument("--steps", type=int, default=300)
 parser.add_argument("--lr", type=float, default=1e-3)
 parser.add_argument("--batch", type=int, default=64, help="per rank")
 parser.add_argument("--log-every", type=int, default=50)
-parser.add_argument("--block-size", type=int, default=2048, help="CD-Adam coordinates per scale (0: one per shard, as the paper)")
+parser.add_argument(
+    "--block-size", type=int, default=2048, help="CD-Adam coordinates per scale (0: one per shard, as the paper)"
+)
 args = parser.parse_args()
 
 torch.set_num_threads(1)
@@ -44,8 +46,9 @@ test_x, test_y = feats_all[6000:], labels_all[6000:]
 
 def make_model() -> torch.nn.Module:
     torch.manual_seed(0)  # same init on every rank and for every optimizer
-    return torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.GELU(), torch.nn.Linear(256, 256),
-                               torch.nn.GELU(), torch.nn.Linear(256, 10))
+    return torch.nn.Sequential(
+        torch.nn.Linear(32, 256), torch.nn.GELU(), torch.nn.Linear(256, 256), torch.nn.GELU(), torch.nn.Linear(256, 10)
+    )
 
 
 OPTIMIZERS = {
@@ -73,7 +76,9 @@ for name, build in OPTIMIZERS.items():
         if step % args.log_every == 0 or step == 1:
             mean_loss = loss.detach().clone()
             dist.all_reduce(mean_loss)
-            log.info(f"{step:>6} {mean_loss.item() / world:>8.4f} {per_step / 1e3:>13.1f} {opt.comm_stats.bytes_sent / 1e3:>14.1f}")
+            log.info(
+                f"{step:>6} {mean_loss.item() / world:>8.4f} {per_step / 1e3:>13.1f} {opt.comm_stats.bytes_sent / 1e3:>14.1f}"
+            )
     with torch.no_grad():
         acc = (model(test_x).argmax(1) == test_y).float().mean().item()
         full_loss = torch.nn.functional.cross_entropy(model(test_x), test_y).item()

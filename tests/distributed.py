@@ -34,8 +34,9 @@ def spawn(fn, world_size: int, *args, deadline_s: float = 240.0) -> None:
     """Run ``fn(rank, world_size, *args)`` on gloo ranks; raise on failure or after ``deadline_s``."""
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        ctx = mp.start_processes(_entry, args=(world_size, init_file, fn, args), nprocs=world_size, join=False,
-                                 start_method="spawn")
+        ctx = mp.start_processes(
+            _entry, args=(world_size, init_file, fn, args), nprocs=world_size, join=False, start_method="spawn"
+        )
         end = time.monotonic() + deadline_s
         while not ctx.join(timeout=1.0):
             if time.monotonic() > end:

@@ -26,19 +26,31 @@ NO_GRAD = (1, 1)  # group 1, parameter 1 never gets a gradient
 CASES = {
     # name: (optimizer class, optimizer kwargs, reference class, reference kwargs)
     "cdadam": (CDAdam, {}, CDAdamReference, {}),
-    "cdadam_adam_wd": (CDAdam, {"amsgrad": False, "weight_decay": 0.1}, CDAdamReference, {"amsgrad": False, "weight_decay": 0.1}),
+    "cdadam_adam_wd": (
+        CDAdam,
+        {"amsgrad": False, "weight_decay": 0.1},
+        CDAdamReference,
+        {"amsgrad": False, "weight_decay": 0.1},
+    ),
     "cdadam_topk": (CDAdam, {"compressor": "topk"}, CDAdamReference, {"compressor": "topk"}),
     "cdadam_randk": (CDAdam, {"compressor": "randk"}, CDAdamReference, {"compressor": "randk"}),
     "error_feedback": (CDAdam, {"exchange": "error_feedback"}, ErrorFeedbackAMSGradReference, {}),
     "naive": (CDAdam, {"exchange": "naive"}, NaiveAMSGradReference, {}),
     "uncompressed": (CDAdam, {"exchange": "none"}, AMSGradReference, {}),
-    "onebit": (OneBitAdam, {"freeze_step": 5, "weight_decay": 0.01}, OneBitAdamReference, {"freeze_step": 5, "weight_decay": 0.01}),
+    "onebit": (
+        OneBitAdam,
+        {"freeze_step": 5, "weight_decay": 0.01},
+        OneBitAdamReference,
+        {"freeze_step": 5, "weight_decay": 0.01},
+    ),
 }
 
 
 def initial_groups(dtype: torch.dtype) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(1234)
-    return [torch.randn(sum(torch.Size(s).numel() for s in shapes), generator=gen, dtype=dtype) for shapes in GROUP_SHAPES]
+    return [
+        torch.randn(sum(torch.Size(s).numel() for s in shapes), generator=gen, dtype=dtype) for shapes in GROUP_SHAPES
+    ]
 
 
 def gradient(group: int, rank: int, step: int, x: torch.Tensor) -> torch.Tensor:
@@ -62,7 +74,10 @@ def run_optimizer(case: str, rank: int, transport, steps: int, dtype=torch.float
     params = []
     groups = []
     for gi, (shapes, x0) in enumerate(zip(GROUP_SHAPES, initial_groups(dtype))):
-        ps = [torch.nn.Parameter(t.reshape(s).clone().to(device)) for t, s in zip(x0.split([torch.Size(s).numel() for s in shapes]), shapes)]
+        ps = [
+            torch.nn.Parameter(t.reshape(s).clone().to(device))
+            for t, s in zip(x0.split([torch.Size(s).numel() for s in shapes]), shapes)
+        ]
         params.append(ps)
         groups.append({"params": ps, "lr": GROUP_LR[gi]})
     opt = opt_cls(groups, transport=transport, block_size=block_size, **_compressor(kwargs))
@@ -82,7 +97,9 @@ def run_reference(case: str, world_size: int, steps: int, dtype=torch.float64, b
     _, _, ref_cls, kwargs = CASES[case]
     refs = []
     for gi, x0 in enumerate(initial_groups(dtype)):
-        ref = ref_cls(x0, world_size, ShardLayout(x0.numel(), world_size, block_size), lr=GROUP_LR[gi], **_compressor(kwargs))
+        ref = ref_cls(
+            x0, world_size, ShardLayout(x0.numel(), world_size, block_size), lr=GROUP_LR[gi], **_compressor(kwargs)
+        )
         ref.group = gi
         refs.append(ref)
     history = []

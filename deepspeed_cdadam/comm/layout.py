@@ -33,7 +33,9 @@ class ShardLayout:
         if self.block_size is not None and (
             not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1
         ):
-            raise ValueError(f"Invalid block_size={self.block_size!r}. Must be None (one block per shard) or an int >= 1.")
+            raise ValueError(
+                f"Invalid block_size={self.block_size!r}. Must be None (one block per shard) or an int >= 1."
+            )
         base, extra = divmod(self.numel, self.world_size)
         sizes = tuple(base + (1 if j < extra else 0) for j in range(self.world_size))
         offsets = tuple(sum(sizes[:j]) for j in range(self.world_size))

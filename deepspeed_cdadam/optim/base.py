@@ -10,6 +10,7 @@ each parameter's slice. The group's state (moments and compression state, all fl
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -71,7 +72,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
         self._transport = transport
         self._process_group = process_group
         self._timeout_s = timeout_s if timeout_s is not None else DEFAULT_TIMEOUT_S
-        self._exchanges: dict[int, Exchange] = {}
+        self._exchanges: dict[tuple[int, str], Exchange] = {}
         self.comm_stats = CommStats()
         for group in self.param_groups:
             self._check_group(group)
@@ -91,13 +92,14 @@ class CompressedOptimizer(torch.optim.Optimizer):
         return state
 
     def _exchange_for(self, index: int, numel: int, name: str | None = None) -> Exchange:
-        key = index if name is None else (index, name)  # type: ignore[assignment]
+        """The exchange of group ``index`` (scheme ``name``, default the optimizer's), built once."""
+        key = (index, name or self.exchange_name)
         if key not in self._exchanges:
             layout = ShardLayout(numel, self.transport.world_size, self.block_size)
-            self._exchanges[key] = make_exchange(  # type: ignore[index]
-                name or self.exchange_name, self.transport, layout, self.compressor, self.comm_stats, self.seed
+            self._exchanges[key] = make_exchange(
+                key[1], self.transport, layout, self.compressor, self.comm_stats, self.seed
             )
-        return self._exchanges[key]  # type: ignore[index]
+        return self._exchanges[key]
 
     # --- flat buffers ---------------------------------------------------------------------
     @staticmethod
@@ -136,7 +138,34 @@ class CompressedOptimizer(torch.optim.Optimizer):
         """The group's flat state, kept under its first parameter (created empty)."""
         return self.state[group["params"][0]]
 
-    def _new_state(self, state: dict[str, Any], params: list[torch.Tensor]) -> torch.Tensor:
-        numel = sum(p.numel() for p in params)
-        state[STEP] = 0
-        return torch.zeros(numel, dtype=self.buffer_dtype(params), device=params[0].device)
+    # --- the step template ----------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One step for every parameter group: flatten gradients, exchange, update."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            params = self.trainable(group)
+            if not params:
+                continue
+            state = self.group_state(group)
+            grad = self.flat_grad(params)
+            if not state:
+                state[STEP] = 0
+                zeros = torch.zeros(grad.numel(), dtype=grad.dtype, device=grad.device)
+                self.init_group_state(index, group, state, zeros)
+            state[STEP] += 1
+            self.group_step(index, group, params, state, grad)
+        return loss
+
+    @abstractmethod
+    def init_group_state(self, index: int, group: dict[str, Any], state: dict[str, Any], zeros: torch.Tensor) -> None:
+        """Create the group's flat buffers in ``state`` (``zeros`` has the buffer's size and dtype)."""
+
+    @abstractmethod
+    def group_step(
+        self, index: int, group: dict[str, Any], params: list[torch.Tensor], state: dict[str, Any], grad: torch.Tensor
+    ) -> None:
+        """Exchange ``grad`` (this rank's flat gradient) and update ``params``; ``state[STEP]`` is already t."""

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from ..compressors.base import Compressor
 from ..comm.transport import Transport
+from ..compressors.base import Compressor
 from ..types import EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP
 from .base import CompressedOptimizer, validate_adam_hparams
 from .functional import amsgrad_direction, apply_update_
@@ -75,7 +75,7 @@ class CDAdam(CompressedOptimizer):
         validate_adam_hparams(lr, betas, eps, weight_decay)
         if not isinstance(amsgrad, bool):
             raise TypeError(f"Invalid amsgrad={amsgrad!r}. Must be a bool.")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "amsgrad": amsgrad}
         super().__init__(
             params,
             defaults,
@@ -88,40 +88,29 @@ class CDAdam(CompressedOptimizer):
             seed=seed,
         )
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for index, group in enumerate(self.param_groups):
-            params = self.trainable(group)
-            if not params:
-                continue
-            state = self.group_state(group)
-            grad = self.flat_grad(params)
-            exchange = self._exchange_for(index, grad.numel())
-            if not state:
-                zeros = self._new_state(state, params)
-                state[EXP_AVG] = zeros.clone()  # m_t
-                state[EXP_AVG_SQ] = zeros.clone()  # v_t
-                if group["amsgrad"]:
-                    state[MAX_EXP_AVG_SQ] = zeros.clone()  # \hat v_t
-                exchange.init_state(state, zeros)  # Markov states (or error buffers)
-            state[STEP] += 1
-            # (1)-(5): compressed exchange; every rank gets the same estimate gtil
-            estimate = exchange.exchange(grad, state, step=state[STEP], group=index)
-            beta1, beta2 = group["betas"]
-            # (6)-(8) moments, then the direction m / sqrt(vhat + eps)
-            direction = amsgrad_direction(
-                estimate,
-                state[EXP_AVG],
-                state[EXP_AVG_SQ],
-                state.get(MAX_EXP_AVG_SQ),
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-            )
-            # (9) x <- (1 - lr*wd) x - lr * direction
-            apply_update_(params, direction, lr=group["lr"], weight_decay=group["weight_decay"])
-        return loss
+    def init_group_state(self, index: int, group: dict[str, Any], state: dict[str, Any], zeros: torch.Tensor) -> None:
+        state[EXP_AVG] = zeros.clone()  # m_t
+        state[EXP_AVG_SQ] = zeros.clone()  # v_t
+        if group["amsgrad"]:
+            state[MAX_EXP_AVG_SQ] = zeros.clone()  # \hat v_t
+        self._exchange_for(index, zeros.numel()).init_state(state, zeros)  # Markov states (or error buffers)
+
+    def group_step(
+        self, index: int, group: dict[str, Any], params: list[torch.Tensor], state: dict[str, Any], grad: torch.Tensor
+    ) -> None:
+        # (1)-(5): compressed exchange; every rank gets the same estimate gtil
+        exchange = self._exchange_for(index, grad.numel())
+        estimate = exchange.exchange(grad, state, step=state[STEP], group=index)
+        beta1, beta2 = group["betas"]
+        # (6)-(8) moments, then the direction m / sqrt(vhat + eps)
+        direction = amsgrad_direction(
+            estimate,
+            state[EXP_AVG],
+            state[EXP_AVG_SQ],
+            state.get(MAX_EXP_AVG_SQ),
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+        )
+        # (9) x <- (1 - lr*wd) x - lr * direction
+        apply_update_(params, direction, lr=group["lr"], weight_decay=group["weight_decay"])

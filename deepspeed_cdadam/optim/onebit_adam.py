@@ -58,7 +58,7 @@ class OneBitAdam(CompressedOptimizer):
         validate_adam_hparams(lr, betas, eps, weight_decay)
         if not isinstance(freeze_step, int) or isinstance(freeze_step, bool) or freeze_step < 0:
             raise ValueError(f"Invalid freeze_step={freeze_step!r}. Must be an int >= 0.")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(
             params,
             defaults,
@@ -72,37 +72,26 @@ class OneBitAdam(CompressedOptimizer):
         )
         self.freeze_step = freeze_step
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for index, group in enumerate(self.param_groups):
-            params = self.trainable(group)
-            if not params:
-                continue
-            state = self.group_state(group)
-            grad = self.flat_grad(params)
+    def init_group_state(self, index: int, group: dict[str, Any], state: dict[str, Any], zeros: torch.Tensor) -> None:
+        state[EXP_AVG] = zeros.clone()  # m_t
+        state[EXP_AVG_SQ] = zeros.clone()  # v_t (frozen after warm-up)
+        self._exchange_for(index, zeros.numel()).init_state(state, zeros)  # worker_error, server_error
+
+    def group_step(
+        self, index: int, group: dict[str, Any], params: list[torch.Tensor], state: dict[str, Any], grad: torch.Tensor
+    ) -> None:
+        beta1, beta2 = group["betas"]
+        step = state[STEP]
+        if step <= self.freeze_step:
+            # (1) exact average of the gradients; (2) Adam moments
+            mean_grad = self._exchange_for(index, grad.numel(), "none").exchange(grad, state, step=step, group=index)
+            adam_moments_(mean_grad, state[EXP_AVG], state[EXP_AVG_SQ], beta1=beta1, beta2=beta2)
+        else:
+            # (3) local momentum, variance frozen
+            adam_moments_(grad, state[EXP_AVG], None, beta1=beta1, beta2=beta2)
+            # (4)-(6) error-feedback compressed average of the momentum
             compressed = self._exchange_for(index, grad.numel())
-            if not state:
-                zeros = self._new_state(state, params)
-                state[EXP_AVG] = zeros.clone()  # m_t
-                state[EXP_AVG_SQ] = zeros.clone()  # v_t (frozen after warm-up)
-                compressed.init_state(state, zeros)  # worker_error, server_error
-            state[STEP] += 1
-            beta1, beta2 = group["betas"]
-            if state[STEP] <= self.freeze_step:
-                # (1) exact average of the gradients; (2) Adam moments
-                exact = self._exchange_for(index, grad.numel(), "none")
-                mean_grad = exact.exchange(grad, state, step=state[STEP], group=index)
-                adam_moments_(mean_grad, state[EXP_AVG], state[EXP_AVG_SQ], beta1=beta1, beta2=beta2)
-            else:
-                # (3) local momentum, variance frozen
-                adam_moments_(grad, state[EXP_AVG], None, beta1=beta1, beta2=beta2)
-                # (4)-(6) error-feedback compressed average of the momentum
-                state[EXP_AVG].copy_(compressed.exchange(state[EXP_AVG], state, step=state[STEP], group=index))
-            # (7) x <- x - lr * (m / (sqrt(v) + eps) + wd * x)
-            direction = onebit_adam_direction(state[EXP_AVG], state[EXP_AVG_SQ], eps=group["eps"])
-            apply_update_(params, direction, lr=group["lr"], weight_decay=group["weight_decay"], decoupled=False)
-        return loss
+            state[EXP_AVG].copy_(compressed.exchange(state[EXP_AVG], state, step=step, group=index))
+        # (7) x <- x - lr * (m / (sqrt(v) + eps) + wd * x)
+        direction = onebit_adam_direction(state[EXP_AVG], state[EXP_AVG_SQ], eps=group["eps"])
+        apply_update_(params, direction, lr=group["lr"], weight_decay=group["weight_decay"], decoupled=False)

@@ -47,5 +47,10 @@ def test_ratio_validated(ratio):
 
 
 def test_unknown_compressor_has_hint():
-    with pytest.raises(ValueError, match=re.escape("Unknown compressor='scaled_sgn'. Allowed: scaled_sign, sign_l2, topk, randk. Did you mean 'scaled_sign'?")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "Unknown compressor='scaled_sgn'. Allowed: scaled_sign, sign_l2, topk, randk. Did you mean 'scaled_sign'?"
+        ),
+    ):
         get_compressor("scaled_sgn")

@@ -42,8 +42,14 @@ def _bytes_per_step(rank, world_size, out_dir):
         before = opt.comm_stats.snapshot()
         opt.step()
         after = opt.comm_stats
-        sent.append((after.bytes_up - before.bytes_up, after.bytes_down - before.bytes_down,
-                     after.bytes_handed - before.bytes_handed, after.collective_calls - before.collective_calls))
+        sent.append(
+            (
+                after.bytes_up - before.bytes_up,
+                after.bytes_down - before.bytes_down,
+                after.bytes_handed - before.bytes_handed,
+                after.collective_calls - before.collective_calls,
+            )
+        )
     torch.save(sent, f"{out_dir}/bytes-{rank}.pt")
 
 
