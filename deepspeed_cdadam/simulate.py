@@ -6,9 +6,10 @@ code is the ``ShardLayout``: ``C`` is applied shard by shard with the layout's b
 a sharded server does. Tests demand that the distributed optimizers equal these references, and
 the references are themselves checked against a line-by-line transcription of Algorithm 1.
 
-``step(worker_grads)`` takes one gradient per worker and returns the new ``x``; ``bits_up`` /
-``bits_down`` count information bits per worker (``compressor.payload_bits``; fp32 for
-uncompressed traffic). ``run(ref, grad_fn, steps)`` drives one for experiments.
+``step(worker_grads)`` takes one gradient per worker and returns the new ``x``. ``bits_up`` is the
+total of information bits all workers sent up, ``bits_down`` the bits of the servers' broadcast
+(the compressed vector, counted once); ``compressor.payload_bits`` for compressed messages, 32 bits
+per coordinate for exact ones. ``run(ref, grad_fn, steps)`` drives one for experiments.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class Reference(ABC):
 
     def C_down(self, v: torch.Tensor) -> torch.Tensor:
         assert self.compressor is not None
-        self.bits_down += self._bits() / self.n  # each server shard is one n-th of the vector
+        self.bits_down += self._bits()
         return compress_by_shard(
             self.compressor, v, self.layout, step=self.t, group=self.group, direction=_DOWN, sender=None
         )
@@ -88,7 +89,7 @@ class Reference(ABC):
         )
 
     def exact_mean(self, vs: list[torch.Tensor]) -> torch.Tensor:
-        self.bits_up += 32 * self.x.numel()
+        self.bits_up += 32 * self.x.numel() * self.n
         self.bits_down += 32 * self.x.numel()
         return sum(vs) / self.n  # type: ignore[return-value]
 

@@ -78,3 +78,32 @@ def test_onebit_adam_reference_follows_deepspeed_semantics():
     ref = OneBitAdamReference(x0, n, ShardLayout(d, 1), lr=lr, freeze_step=F, betas=(b1, b2), eps=eps, weight_decay=wd)
     for a, b in zip(run(ref, g, T), expected):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+
+
+def test_ef21_both_ways_converges_with_topk():
+    from deepspeed_cdadam.problems import NonconvexLogistic
+    from deepspeed_cdadam.simulate import EF21Reference
+
+    problem = NonconvexLogistic.synthetic(n_workers=4, samples=200, dim=20)
+    x0 = torch.zeros(20, dtype=torch.float64)
+    ref = EF21Reference(x0, 4, ShardLayout(20, 4), lr=0.3, ratio=0.2)
+    xs = run(ref, lambda i, x, t: problem.grad(i, x), 500)
+    assert problem.grad_norm(xs[-1]) < 1e-9 * problem.grad_norm(x0)
+    # top-k 20% of each 5-coordinate shard: 1 value (64-bit here) + 1 int32 index per shard
+    assert ref.bits_up == 500 * 4 * 4 * (64 + 32)
+    assert ref.bits_down == 500 * 4 * (64 + 32)
+
+
+def test_bit_counts_cd_adam_vs_uncompressed():
+    from deepspeed_cdadam.simulate import AMSGradReference
+
+    n, d, T = 4, 1000, 3
+    g = grads_for(n, d, T)
+    x0 = torch.zeros(d, dtype=torch.float32)
+    cd = CDAdamReference(x0, n, ShardLayout(d, n))
+    ams = AMSGradReference(x0, n, ShardLayout(d, n))
+    run(cd, lambda i, x, t: g(i, x.double(), t).float(), T)
+    run(ams, lambda i, x, t: g(i, x.double(), t).float(), T)
+    assert cd.bits_up == T * n * (d + 32 * n) and cd.bits_down == T * (d + 32 * n)
+    assert ams.bits_up == T * n * 32 * d and ams.bits_down == T * 32 * d
+    assert (cd.bits_up + cd.bits_down) / (ams.bits_up + ams.bits_down) < 1 / 28
