@@ -123,8 +123,8 @@ class AMSGradStep:
         return x * (1 - self.lr * self.wd) - self.lr * (self.m / (self.vhat + self.eps).sqrt())
 
 
-class CDAdamReference(Reference):
-    """Algorithm 1 of the CD-Adam paper (line 9 as a Markov sequence of ghat: ``C(ghat - gtil)``)."""
+class AdaptiveReference(Reference):
+    """A reference whose model update is ``AMSGradStep``; subclasses add their exchange state."""
 
     def __init__(
         self,
@@ -137,14 +137,23 @@ class CDAdamReference(Reference):
         eps=1e-8,
         weight_decay=0.0,
         amsgrad=True,
-        compressor: str | Compressor = "scaled_sign",
+        compressor: str | Compressor | None = "scaled_sign",
     ):
         super().__init__(x0, n_workers, layout, compressor)
-        d, dt = self.x.numel(), self.x.dtype
-        self.ghat_i = [torch.zeros(d, dtype=dt) for _ in range(n_workers)]  # worker Markov states
-        self.ghat = torch.zeros(d, dtype=dt)  # server Markov state
-        self.gtil = torch.zeros(d, dtype=dt)  # down Markov state, identical on all workers
-        self.update = AMSGradStep(d, dt, lr, betas, eps, weight_decay, amsgrad)
+        self.update = AMSGradStep(self.x.numel(), self.x.dtype, lr, betas, eps, weight_decay, amsgrad)
+
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros_like(self.x)
+
+
+class CDAdamReference(AdaptiveReference):
+    """Algorithm 1 of the CD-Adam paper (line 9 as a Markov sequence of ghat: ``C(ghat - gtil)``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ghat_i = [self.zeros() for _ in range(self.n)]  # worker Markov states
+        self.ghat = self.zeros()  # server Markov state
+        self.gtil = self.zeros()  # down Markov state, identical on all workers
 
     def step(self, worker_grads):
         self.t += 1
@@ -224,27 +233,13 @@ class EF21Reference(Reference):
         return self.x
 
 
-class ErrorFeedbackAMSGradReference(Reference):
+class ErrorFeedbackAMSGradReference(AdaptiveReference):
     """AMSGrad on gradients averaged with error feedback both ways (worker and server errors)."""
 
-    def __init__(
-        self,
-        x0,
-        n_workers,
-        layout=None,
-        *,
-        lr=1e-3,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=0.0,
-        amsgrad=True,
-        compressor: str | Compressor = "scaled_sign",
-    ):
-        super().__init__(x0, n_workers, layout, compressor)
-        d, dt = self.x.numel(), self.x.dtype
-        self.e = [torch.zeros(d, dtype=dt) for _ in range(n_workers)]
-        self.ebar = torch.zeros(d, dtype=dt)
-        self.update = AMSGradStep(d, dt, lr, betas, eps, weight_decay, amsgrad)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.e = [self.zeros() for _ in range(self.n)]  # worker errors
+        self.ebar = self.zeros()  # server error (all shards)
 
     def step(self, worker_grads):
         self.t += 1
@@ -260,24 +255,8 @@ class ErrorFeedbackAMSGradReference(Reference):
         return self.x
 
 
-class NaiveAMSGradReference(Reference):
+class NaiveAMSGradReference(AdaptiveReference):
     """AMSGrad on ``C(mean_i C(g_i))``: compression both ways with no memory."""
-
-    def __init__(
-        self,
-        x0,
-        n_workers,
-        layout=None,
-        *,
-        lr=1e-3,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        weight_decay=0.0,
-        amsgrad=True,
-        compressor: str | Compressor = "scaled_sign",
-    ):
-        super().__init__(x0, n_workers, layout, compressor)
-        self.update = AMSGradStep(self.x.numel(), self.x.dtype, lr, betas, eps, weight_decay, amsgrad)
 
     def step(self, worker_grads):
         self.t += 1
@@ -286,14 +265,11 @@ class NaiveAMSGradReference(Reference):
         return self.x
 
 
-class AMSGradReference(Reference):
+class AMSGradReference(AdaptiveReference):
     """Uncompressed distributed AMSGrad (exact fp32 averaging)."""
 
-    def __init__(
-        self, x0, n_workers, layout=None, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=True
-    ):
-        super().__init__(x0, n_workers, layout, None)
-        self.update = AMSGradStep(self.x.numel(), self.x.dtype, lr, betas, eps, weight_decay, amsgrad)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, compressor=None, **kwargs)
 
     def step(self, worker_grads):
         self.t += 1

@@ -38,9 +38,6 @@ SERVER_MARKOV_STATE = "server_markov_state"  # \hat g_t restricted to this rank'
 WORKER_ERROR = "worker_error"  # e_t, worker error-feedback buffer (1-bit Adam)
 SERVER_ERROR = "server_error"  # \bar e_t, server error-feedback buffer on this rank's shard
 
-# Keys never checkpointed (rebuilt from the config).
-LAYOUT_NUMEL = "layout_numel"
-
 PER_RANK_KEYS = (MARKOV_STATE, SERVER_MARKOV_STATE, WORKER_ERROR, SERVER_ERROR)
 
 
