@@ -44,7 +44,11 @@ def validate_adam_hparams(lr: object, betas: object, eps: object, weight_decay: 
 
 
 class CompressedOptimizer(torch.optim.Optimizer):
-    """Base class: one flat buffer and one ``Exchange`` per parameter group."""
+    """Base class: one flat buffer and one ``Exchange`` per parameter group.
+
+    Pickling keeps only what ``torch.optim.Optimizer`` pickles (defaults, state, param groups):
+    the transport and its process group never travel.
+    """
 
     def __init__(
         self,
@@ -83,13 +87,6 @@ class CompressedOptimizer(torch.optim.Optimizer):
         if self._transport is None:
             self._transport = TorchDistributedTransport(self._process_group, self._timeout_s)
         return self._transport
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()  # type: ignore[misc]
-        state = dict(state)
-        for key in ("_transport", "_process_group", "_exchanges"):
-            state.pop(key, None)
-        return state
 
     def _exchange_for(self, index: int, numel: int, name: str | None = None) -> Exchange:
         """The exchange of group ``index`` (scheme ``name``, default the optimizer's), built once."""
