@@ -89,4 +89,5 @@ adam_bytes = results["Adam (fp32)"][2]
 log.info(f"\n{'optimizer':<12} {'test loss':>9} {'test acc':>9} {'MB sent':>9} {'vs Adam':>8}")
 for name, (loss, acc, sent) in results.items():
     log.info(f"{name:<12} {loss:>9.4f} {acc:>9.3f} {sent / 1e6:>9.2f} {adam_bytes / sent:>7.1f}x")
+dist.barrier()
 dist.destroy_process_group()

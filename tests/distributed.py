@@ -26,6 +26,7 @@ def _entry(rank: int, world_size: int, init_file: str, fn, args) -> None:
     )
     try:
         fn(rank, world_size, *args)
+        dist.barrier()  # no rank tears gloo down while a peer still has collectives in flight
     finally:
         dist.destroy_process_group()
 

@@ -21,7 +21,7 @@ from ..comm.transport import DEFAULT_TIMEOUT_S, TorchDistributedTransport, Trans
 from ..compressors.base import Compressor
 from ..compressors.registry import get_compressor
 from ..exchange import EXCHANGE_NAMES, Exchange, make_exchange
-from ..types import STEP
+from ..types import DOWN_MARKOV_STATE, EXP_AVG, PER_RANK_KEYS, STEP
 
 
 def _is_number(v: object) -> bool:
@@ -156,6 +156,20 @@ class CompressedOptimizer(torch.optim.Optimizer):
             state[STEP] += 1
             self.group_step(index, group, params, state, grad)
         return loss
+
+    def reset_compression_state(self) -> None:
+        """Restart every group's compression state (Markov states, error buffers) from zero, on this rank.
+
+        Moments and step counts are kept. Call it on every rank alike (e.g. after resuming on
+        another world size); the next step then starts the compression sequences afresh.
+        """
+        for index, group in enumerate(self.param_groups):
+            state = self.group_state(group)
+            if EXP_AVG not in state:
+                continue
+            for key in (*PER_RANK_KEYS, DOWN_MARKOV_STATE):
+                state.pop(key, None)
+            self._exchange_for(index, state[EXP_AVG].numel()).init_state(state, torch.zeros_like(state[EXP_AVG]))
 
     @abstractmethod
     def init_group_state(self, index: int, group: dict[str, Any], state: dict[str, Any], zeros: torch.Tensor) -> None:

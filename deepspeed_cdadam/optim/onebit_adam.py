@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,6 +72,26 @@ class OneBitAdam(CompressedOptimizer):
             seed=seed,
         )
         self.freeze_step = freeze_step
+        # Set by the DeepSpeed integration: during the warm-up the engine has already averaged the
+        # gradients, so the optimizer uses them as they are instead of all-reducing again.
+        self.warmup_grads_are_averaged = False
+        # Called with True once the next step is compressed (and False while it is not), after
+        # every step and after loading a checkpoint: the engine turns its all-reduce off / on.
+        self.on_phase_change: Callable[[bool], None] | None = None
+
+    def next_step_is_compressed(self) -> bool:
+        """True once ``freeze_step`` steps have been taken."""
+        steps = [self.group_state(g).get(STEP, 0) for g in self.param_groups if self.trainable(g)]
+        return bool(steps) and steps[0] >= self.freeze_step
+
+    def notify_phase(self) -> None:
+        if self.on_phase_change is not None:
+            self.on_phase_change(self.next_step_is_compressed())
+
+    def step(self, closure: Any = None) -> Any:
+        loss = super().step(closure)
+        self.notify_phase()
+        return loss
 
     def init_group_state(self, index: int, group: dict[str, Any], state: dict[str, Any], zeros: torch.Tensor) -> None:
         state[EXP_AVG] = zeros.clone()  # m_t
@@ -84,7 +105,12 @@ class OneBitAdam(CompressedOptimizer):
         step = state[STEP]
         if step <= self.freeze_step:
             # (1) exact average of the gradients; (2) Adam moments
-            mean_grad = self._exchange_for(index, grad.numel(), "none").exchange(grad, state, step=step, group=index)
+            if self.warmup_grads_are_averaged:
+                mean_grad = grad
+            else:
+                mean_grad = self._exchange_for(index, grad.numel(), "none").exchange(
+                    grad, state, step=step, group=index
+                )
             adam_moments_(mean_grad, state[EXP_AVG], state[EXP_AVG_SQ], beta1=beta1, beta2=beta2)
         else:
             # (3) local momentum, variance frozen

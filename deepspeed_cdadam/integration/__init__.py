@@ -1,0 +1,1 @@
+"""Framework integrations. ``deepspeed`` is imported only by ``integration.deepspeed``."""

@@ -1,0 +1,248 @@
+"""DeepSpeed integration: ``"optimizer": {"type": "CDAdam" | "OneBitAdam", "params": {...}}``.
+
+``register()`` (called by ``import deepspeed_cdadam`` when deepspeed is installed) wraps
+``DeepSpeedEngine._configure_basic_optimizer`` so that an unmodified ``deepspeed.initialize``
+builds our optimizers from the JSON config; every other optimizer type goes to DeepSpeed as
+before. Registration is idempotent. This is the only module that imports ``deepspeed``.
+
+What the engine does differently with our optimizers:
+
+* Its own gradient all-reduce is turned off while the optimizer communicates compressed: from
+  the first step for CD-Adam; after ``freeze_step`` for 1-bit Adam (during the warm-up the
+  engine averages the gradients and our 1-bit Adam uses them as they are, as upstream does).
+* ZeRO (any stage >= 1) is refused at initialize: the optimizer needs whole gradients.
+* Checkpoints: ``engine.save_checkpoint`` writes, besides DeepSpeed's files, one file per rank
+  ``cdadam_rank{r}_of_{n}.pt`` with that rank's compression state (Markov states, server shard,
+  error buffers); ``load_checkpoint`` restores it, so a resumed run continues bit-identically.
+  Loading on another world size (or without those files) resets the compression state on every
+  rank alike (as upstream OnebitAdam always does), with a warning; moments and step are kept.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from typing import Any
+
+import torch
+
+from ..comm.transport import TorchDistributedTransport
+from ..optim.base import CompressedOptimizer
+from ..optim.cd_adam import CDAdam
+from ..optim.onebit_adam import OneBitAdam
+from ..types import PER_RANK_KEYS
+
+logger = logging.getLogger(__name__)
+
+#: DeepSpeed ``optimizer.type`` (case-insensitive) -> our class.
+OPTIMIZER_TYPES: dict[str, type[CompressedOptimizer]] = {"cdadam": CDAdam, "onebitadam": OneBitAdam}
+
+_COMMON_KEYS = (
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "compressor",
+    "block_size",
+    "comm_backend_name",
+    "cuda_aware",
+    "timeout_s",
+    "seed",
+)
+#: JSON ``optimizer.params`` keys each type accepts.
+ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
+    "cdadam": _COMMON_KEYS + ("amsgrad", "exchange"),
+    "onebitadam": _COMMON_KEYS + ("freeze_step", "bias_correction", "eps_inside_sqrt"),
+}
+#: ``comm_backend_name`` values that mean "torch.distributed" (upstream names included).
+TORCH_BACKEND_NAMES = ("torch", "nccl", "gloo", "compressed", "hccl", "ccl", "xccl", "mpi_torch")
+
+_PATCH_MARK = "_deepspeed_cdadam_original"
+
+
+def _reject_unknown_keys(type_name: str, params: dict[str, Any]) -> None:
+    allowed = ALLOWED_KEYS[type_name]
+    for key in params:
+        if key not in allowed:
+            hint = difflib.get_close_matches(key, allowed, n=1)
+            extra = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise ValueError(
+                f"Unknown key optimizer.params.{key} for optimizer type {type_name!r}. "
+                f"Allowed: {', '.join(allowed)}.{extra}"
+            )
+
+
+def _check_backend_name(name: object) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator_name = get_accelerator().communication_backend_name()
+    if name == "mpi":
+        raise ValueError(
+            "optimizer.params.comm_backend_name='mpi' is not available in this release; use 'torch' "
+            "(gloo on CPU, NCCL on GPU), which DeepSpeed itself launches over MPI as well."
+        )
+    if not isinstance(name, str) or (name not in TORCH_BACKEND_NAMES and name != accelerator_name):
+        raise ValueError(
+            f"Invalid optimizer.params.comm_backend_name={name!r}. Allowed: "
+            f"{', '.join(TORCH_BACKEND_NAMES)} (all use torch.distributed), or {accelerator_name!r}."
+        )
+
+
+def build_optimizer(engine: Any, type_name: str, model_parameters: Any) -> CompressedOptimizer:
+    """Build our optimizer for ``engine`` from its JSON ``optimizer.params``."""
+    params = dict(engine.optimizer_params() or {})
+    _reject_unknown_keys(type_name, params)
+    if engine.zero_optimization():
+        raise ValueError(
+            f"Optimizer type {engine.optimizer_name()!r} does not support ZeRO (zero_optimization.stage="
+            f"{engine.zero_optimization_stage()}): it compresses whole gradients. Set zero_optimization.stage to 0."
+        )
+    _check_backend_name(params.pop("comm_backend_name", "torch"))
+    cuda_aware = params.pop("cuda_aware", False)
+    if not isinstance(cuda_aware, bool):
+        raise TypeError(f"Invalid optimizer.params.cuda_aware={cuda_aware!r}. Must be a bool.")
+    if params.pop("eps_inside_sqrt", False) is not False:
+        raise ValueError(
+            "optimizer.params.eps_inside_sqrt=True is not supported by OneBitAdam (upstream OnebitAdam ignored it); "
+            "eps is added outside the square root."
+        )
+    bias_correction = params.pop("bias_correction", True)
+    if not isinstance(bias_correction, bool):
+        raise TypeError(f"Invalid optimizer.params.bias_correction={bias_correction!r}. Must be a bool.")
+    if "betas" in params and isinstance(params["betas"], list):
+        params["betas"] = tuple(params["betas"])
+
+    group = engine.mpu.get_data_parallel_group() if engine.mpu is not None else engine.seq_data_parallel_group
+    transport = TorchDistributedTransport(group, params.pop("timeout_s", 300.0))
+    optimizer = OPTIMIZER_TYPES[type_name](model_parameters, transport=transport, **params)
+
+    if isinstance(optimizer, OneBitAdam):
+        optimizer.warmup_grads_are_averaged = True  # the engine all-reduces during the warm-up
+        optimizer.on_phase_change = lambda compressed: _set_engine_allreduce(engine, not compressed)
+        _set_engine_allreduce(engine, optimizer.freeze_step > 0)
+    else:
+        _set_engine_allreduce(engine, False)
+    return optimizer
+
+
+def _set_engine_allreduce(engine: Any, enabled: bool) -> None:
+    if hasattr(engine, "pipeline_enable_backward_allreduce"):
+        engine.pipeline_enable_backward_allreduce = enabled
+    engine.enable_backward_allreduce = enabled
+
+
+def _our_optimizer(engine: Any) -> CompressedOptimizer | None:
+    basic = getattr(engine, "basic_optimizer", None)
+    return basic if isinstance(basic, CompressedOptimizer) else None
+
+
+def _rank_file(directory: str, rank: int, world_size: int) -> str:
+    return os.path.join(directory, f"cdadam_rank{rank}_of_{world_size}.pt")
+
+
+def _checkpoint_dir(save_dir: str, tag: str) -> str:
+    return os.path.join(save_dir, str(tag))
+
+
+def save_rank_state(optimizer: CompressedOptimizer, directory: str) -> str:
+    """Write this rank's per-rank compression state; returns the file name."""
+    tr = optimizer.transport
+    per_rank = [
+        {k: v.clone() for k, v in optimizer.group_state(g).items() if k in PER_RANK_KEYS}
+        for g in optimizer.param_groups
+    ]
+    path = _rank_file(directory, tr.rank, tr.world_size)
+    tmp = path + ".tmp"
+    torch.save({"world_size": tr.world_size, "rank": tr.rank, "groups": per_rank}, tmp)
+    os.replace(tmp, path)  # a crash mid-write never leaves a truncated file under the real name
+    return path
+
+
+def load_rank_state(optimizer: CompressedOptimizer, directory: str) -> bool:
+    """Restore this rank's compression state from ``directory``; reset it when unavailable.
+
+    Returns True when restored. The decision is agreed on by all ranks (all restore or all reset).
+    """
+    tr = optimizer.transport
+    path = _rank_file(directory, tr.rank, tr.world_size)
+    have = torch.tensor([1.0 if os.path.exists(path) else 0.0])
+    tr.all_reduce_sum(have)
+    if int(have.item()) == tr.world_size:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        for group, per_rank in zip(optimizer.param_groups, saved["groups"]):
+            state = optimizer.group_state(group)
+            for key, value in per_rank.items():
+                state[key] = value.to(device=state[key].device if key in state else value.device)
+        return True
+    logger.warning(
+        "No per-rank compression state for world_size=%d in %s: resetting the compression state "
+        "(Markov states / error buffers) on every rank; moments and step counts are kept.",
+        tr.world_size,
+        directory,
+    )
+    optimizer.reset_compression_state()
+    return False
+
+
+def register() -> None:
+    """Make DeepSpeed build ``CDAdam`` / ``OneBitAdam`` from JSON configs. Idempotent."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    if hasattr(DeepSpeedEngine, _PATCH_MARK):
+        return
+    original_configure = DeepSpeedEngine._configure_basic_optimizer
+    original_supported = DeepSpeedEngine._is_supported_optimizer
+    original_save = DeepSpeedEngine.save_checkpoint
+    original_load = DeepSpeedEngine.load_checkpoint
+
+    def _is_supported_optimizer(self: Any, optimizer_name: str) -> bool:
+        return optimizer_name.lower() in OPTIMIZER_TYPES or original_supported(self, optimizer_name)
+
+    def _configure_basic_optimizer(self: Any, model_parameters: Any) -> Any:
+        name = (self.optimizer_name() or "").lower()
+        if name in OPTIMIZER_TYPES:
+            return build_optimizer(self, name, model_parameters)
+        return original_configure(self, model_parameters)
+
+    def save_checkpoint(self: Any, save_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if tag is None:
+            tag = f"global_step{self.global_steps}"
+        result = original_save(self, save_dir, tag, *args, **kwargs)
+        optimizer = _our_optimizer(self)
+        if optimizer is not None:
+            save_rank_state(optimizer, _checkpoint_dir(save_dir, tag))
+            optimizer.transport.all_reduce_sum(torch.zeros(1))  # every rank's file is written before we return
+        return result
+
+    def load_checkpoint(self: Any, load_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:
+        result = original_load(self, load_dir, tag, *args, **kwargs)
+        optimizer = _our_optimizer(self)
+        load_path = result[0] if isinstance(result, tuple) else None
+        if optimizer is not None and load_path is not None:
+            load_rank_state(optimizer, os.path.dirname(load_path))
+            if isinstance(optimizer, OneBitAdam):
+                optimizer.notify_phase()
+        return result
+
+    DeepSpeedEngine._configure_basic_optimizer = _configure_basic_optimizer
+    DeepSpeedEngine._is_supported_optimizer = _is_supported_optimizer
+    DeepSpeedEngine.save_checkpoint = save_checkpoint
+    DeepSpeedEngine.load_checkpoint = load_checkpoint
+    setattr(DeepSpeedEngine, _PATCH_MARK, (original_configure, original_supported, original_save, original_load))
+
+
+def unregister() -> None:
+    """Undo ``register()`` (tests)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    originals = getattr(DeepSpeedEngine, _PATCH_MARK, None)
+    if originals is None:
+        return
+    (
+        DeepSpeedEngine._configure_basic_optimizer,
+        DeepSpeedEngine._is_supported_optimizer,
+        DeepSpeedEngine.save_checkpoint,
+        DeepSpeedEngine.load_checkpoint,
+    ) = originals
+    delattr(DeepSpeedEngine, _PATCH_MARK)

@@ -1,0 +1,91 @@
+"""Training script for the DeepSpeed integration tests, run by the `deepspeed` launcher.
+
+    deepspeed --num_gpus 2 tests/integration/ds_train.py --deepspeed_config cfg.json --out DIR --steps 8 [--save-at 4]
+
+Records, per rank: initial flat parameters, the local gradient handed to the optimizer at each
+step, the parameters after each step, and how often the engine's own all-reduce ran. With
+``--save-at k`` it also trains a second engine to step k, saves a checkpoint, loads it into a third
+engine (started from other weights) and continues to ``--steps``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import deepspeed
+import torch
+
+import deepspeed_cdadam  # noqa: F401  (registers "CDAdam" and "OneBitAdam")
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--local_rank", type=int, default=0)
+parser.add_argument("--out", required=True)
+parser.add_argument("--steps", type=int, default=8)
+parser.add_argument("--save-at", type=int, default=0)
+parser = deepspeed.add_config_arguments(parser)
+args = parser.parse_args()
+deepspeed.init_distributed(dist_backend="gloo")
+rank = torch.distributed.get_rank()
+
+
+def make_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.Tanh(), torch.nn.Linear(17, 5))
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(8, 13, generator=gen), torch.randn(8, 5, generator=gen)
+
+
+def flat(model: torch.nn.Module, grads: bool = False) -> torch.Tensor:
+    return torch.cat([(p.grad if grads else p.detach()).reshape(-1).clone() for p in model.parameters()])
+
+
+def train(engine, first: int, last: int, record: dict | None = None) -> None:
+    for step in range(first, last + 1):
+        x, y = batch(step)
+        loss = torch.nn.functional.mse_loss(engine(x), y)
+        engine.backward(loss)
+        if record is not None:
+            record["grads"].append(flat(engine.module, grads=True))
+        engine.step()
+        if record is not None:
+            record["params"].append(flat(engine.module))
+
+
+def initialize(seed: int):
+    model = make_model(seed)
+    engine, optimizer, _, _ = deepspeed.initialize(args=args, model=model, model_parameters=model.parameters())
+    calls = {"allreduce": 0}
+    original = engine.allreduce_gradients
+
+    def counting_allreduce(*a, **kw):
+        calls["allreduce"] += 1
+        return original(*a, **kw)
+
+    engine.allreduce_gradients = counting_allreduce
+    return engine, optimizer, calls
+
+
+engine, optimizer, calls = initialize(seed=0)
+record = {"x0": flat(engine.module), "grads": [], "params": [], "optimizer": type(optimizer).__name__}
+train(engine, 1, args.steps, record)
+record["allreduce_calls"] = calls["allreduce"]
+record["bytes_sent"] = engine.basic_optimizer.comm_stats.bytes_sent
+
+if args.save_at:
+    ckpt = f"{args.out}/ckpt"
+    first, _, _ = initialize(seed=0)
+    train(first, 1, args.save_at)
+    first.save_checkpoint(ckpt)
+    second, _, _ = initialize(seed=123)  # other weights: everything must come from the checkpoint
+    second.load_checkpoint(ckpt)
+    train(second, args.save_at + 1, args.steps)
+    record["resumed_params"] = flat(second.module)
+
+torch.save(record, f"{args.out}/rank{rank}.pt")
+if rank == 0:
+    with open(f"{args.out}/done.json", "w") as fh:
+        json.dump({"steps": args.steps}, fh)

@@ -1,0 +1,134 @@
+"""deepspeed.initialize with bad optimizer configs fails early with the exact message (1 rank, gloo)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+
+import pytest
+import torch
+
+deepspeed = pytest.importorskip("deepspeed")
+
+from deepspeed_cdadam import CDAdam
+from deepspeed_cdadam.integration.deepspeed import register
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_rank_world():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    torch.distributed.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _init(optimizer: dict, **extra):
+    model = torch.nn.Linear(4, 3)
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.0, "optimizer": optimizer, **extra}
+    return deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+
+
+@pytest.mark.parametrize(
+    "optimizer,extra,error,message",
+    [
+        (
+            {"type": "CDAdam", "params": {"lr": 1e-3, "betaz": [0.9, 0.99]}},
+            {},
+            ValueError,
+            "Unknown key optimizer.params.betaz for optimizer type 'cdadam'. Allowed: lr, betas, eps, weight_decay, "
+            "compressor, block_size, comm_backend_name, cuda_aware, timeout_s, seed, amsgrad, exchange. Did you mean 'betas'?",
+        ),
+        (
+            {"type": "OneBitAdam", "params": {"amsgrad": True}},
+            {},
+            ValueError,
+            "Unknown key optimizer.params.amsgrad for optimizer type 'onebitadam'.",
+        ),
+        (
+            {"type": "CDAdam", "params": {"lr": "fast"}},
+            {},
+            ValueError,
+            "Invalid lr='fast'. Must be a finite number >= 0.0.",
+        ),
+        (
+            {"type": "CDAdam", "params": {"betas": [0.9, 1.5]}},
+            {},
+            ValueError,
+            "Invalid beta parameter at index 1: 1.5. Must be in [0.0, 1.0).",
+        ),
+        (
+            {"type": "OneBitAdam", "params": {"freeze_step": -2}},
+            {},
+            ValueError,
+            "Invalid freeze_step=-2. Must be an int >= 0.",
+        ),
+        (
+            {"type": "CDAdam", "params": {}},
+            {"zero_optimization": {"stage": 1}},
+            ValueError,
+            "Optimizer type 'CDAdam' does not support ZeRO (zero_optimization.stage=1): it compresses whole gradients. "
+            "Set zero_optimization.stage to 0.",
+        ),
+        (
+            {"type": "CDAdam", "params": {"comm_backend_name": "mpi"}},
+            {},
+            ValueError,
+            "optimizer.params.comm_backend_name='mpi' is not available in this release",
+        ),
+        (
+            {"type": "CDAdam", "params": {"comm_backend_name": "tcp"}},
+            {},
+            ValueError,
+            "Invalid optimizer.params.comm_backend_name='tcp'. Allowed: torch, nccl,",
+        ),
+        (
+            {"type": "OneBitAdam", "params": {"eps_inside_sqrt": True}},
+            {},
+            ValueError,
+            "optimizer.params.eps_inside_sqrt=True is not supported by OneBitAdam",
+        ),
+        (
+            {"type": "CDAdam", "params": {"cuda_aware": "yes"}},
+            {},
+            TypeError,
+            "Invalid optimizer.params.cuda_aware='yes'. Must be a bool.",
+        ),
+    ],
+)
+def test_bad_config_is_a_clear_error(optimizer, extra, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        _init(optimizer, **extra)
+
+
+def test_registration_is_idempotent_and_leaves_other_types_alone():
+    register()
+    register()
+    engine, optimizer, _, _ = _init({"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}})
+    assert isinstance(optimizer, torch.optim.Adam)
+    assert engine.enable_backward_allreduce
+    engine, optimizer, _, _ = _init({"type": "cdadam", "params": {"lr": 1e-3, "comm_backend_name": "gloo"}})
+    assert isinstance(optimizer, CDAdam)
+    assert not engine.enable_backward_allreduce
+
+
+def test_lr_scheduler_drives_our_lr():
+    scheduler = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.01, "warmup_num_steps": 4}}
+    engine, optimizer, _, _ = _init({"type": "CDAdam", "params": {"lr": 0.01}}, scheduler=scheduler)
+    lrs = []
+    for _ in range(3):
+        loss = engine(torch.ones(2, 4)).sum()
+        engine.backward(loss)
+        engine.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[0] < lrs[1] < lrs[2] <= 0.01
