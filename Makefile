@@ -4,7 +4,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow clean
+# The integration tests also run against the newest DeepSpeed release (0.19.6 is the default venv's).
+DS_LATEST ?= 0.19.8
+LATEST_VENV ?= .venv-ds-latest
+LATEST_STAMP := $(LATEST_VENV)/.installed
+
+.PHONY: install demo test test-slow test-deepspeed-latest clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,5 +30,17 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow"
 
+$(LATEST_STAMP): requirements.txt pyproject.toml
+	$(PY) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(LATEST_VENV)/bin/python -m pip install -q -r requirements.txt
+	$(LATEST_VENV)/bin/python -m pip install -q deepspeed==$(DS_LATEST)
+	$(LATEST_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $(LATEST_STAMP)
+
+test-deepspeed-latest: $(LATEST_STAMP)
+	$(LATEST_VENV)/bin/python -m pytest -q tests/integration
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info

@@ -192,6 +192,7 @@ def register() -> None:
     if hasattr(DeepSpeedEngine, _PATCH_MARK):
         return
     original_configure = DeepSpeedEngine._configure_basic_optimizer
+    original_configure_wrappers = DeepSpeedEngine._configure_optimizer
     original_supported = DeepSpeedEngine._is_supported_optimizer
     original_save = DeepSpeedEngine.save_checkpoint
     original_load = DeepSpeedEngine.load_checkpoint
@@ -202,8 +203,19 @@ def register() -> None:
     def _configure_basic_optimizer(self: Any, model_parameters: Any) -> Any:
         name = (self.optimizer_name() or "").lower()
         if name in OPTIMIZER_TYPES:
-            return build_optimizer(self, name, model_parameters)
+            optimizer = build_optimizer(self, name, model_parameters)
+            optimizer.ignore_steps = True  # until _configure_optimizer has built the wrappers
+            return optimizer
         return original_configure(self, model_parameters)
+
+    def _configure_optimizer(self: Any, client_optimizer: Any, model_parameters: Any) -> Any:
+        # The fp16/bf16 wrappers call basic_optimizer.step() once with zero gradients while they
+        # are built; our optimizers ignore steps until the wrappers are done.
+        result = original_configure_wrappers(self, client_optimizer, model_parameters)
+        optimizer = _our_optimizer(self)
+        if optimizer is not None:
+            optimizer.ignore_steps = False
+        return result
 
     def save_checkpoint(self: Any, save_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:
         if tag is None:
@@ -227,9 +239,14 @@ def register() -> None:
 
     DeepSpeedEngine._configure_basic_optimizer = _configure_basic_optimizer
     DeepSpeedEngine._is_supported_optimizer = _is_supported_optimizer
+    DeepSpeedEngine._configure_optimizer = _configure_optimizer
     DeepSpeedEngine.save_checkpoint = save_checkpoint
     DeepSpeedEngine.load_checkpoint = load_checkpoint
-    setattr(DeepSpeedEngine, _PATCH_MARK, (original_configure, original_supported, original_save, original_load))
+    setattr(
+        DeepSpeedEngine,
+        _PATCH_MARK,
+        (original_configure, original_supported, original_configure_wrappers, original_save, original_load),
+    )
 
 
 def unregister() -> None:
@@ -242,6 +259,7 @@ def unregister() -> None:
     (
         DeepSpeedEngine._configure_basic_optimizer,
         DeepSpeedEngine._is_supported_optimizer,
+        DeepSpeedEngine._configure_optimizer,
         DeepSpeedEngine.save_checkpoint,
         DeepSpeedEngine.load_checkpoint,
     ) = originals

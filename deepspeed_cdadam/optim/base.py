@@ -77,6 +77,10 @@ class CompressedOptimizer(torch.optim.Optimizer):
         self._process_group = process_group
         self._timeout_s = timeout_s if timeout_s is not None else DEFAULT_TIMEOUT_S
         self._exchanges: dict[tuple[int, str], Exchange] = {}
+        # True while a framework builds its wrappers around us: DeepSpeed's fp16/bf16 wrapper calls
+        # step() once with zero gradients to create optimizer state; that call must not count as a
+        # step (it would shift step counts and freeze_step, apply weight decay and move rand-k seeds).
+        self.ignore_steps = False
         self.comm_stats = CommStats()
         for group in self.param_groups:
             self._check_group(group)
@@ -99,8 +103,16 @@ class CompressedOptimizer(torch.optim.Optimizer):
         return self._exchanges[key]
 
     # --- flat buffers ---------------------------------------------------------------------
-    @staticmethod
-    def _check_group(group: dict[str, Any]) -> None:
+    #: Upstream OnebitAdam param-group keys we do not implement yet: refused rather than ignored.
+    UNSUPPORTED_GROUP_KEYS = ("exp_avg_mask", "non_freeze")
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        for key in self.UNSUPPORTED_GROUP_KEYS:
+            if key in group:
+                raise ValueError(
+                    f"Parameter-group key {key!r} (upstream OnebitAdam) is not supported by {type(self).__name__} yet; "
+                    "remove it (it would otherwise be silently ignored)."
+                )
         dtypes = {p.dtype for p in group["params"] if p.requires_grad}
         if len(dtypes) > 1:
             raise ValueError(
@@ -139,6 +151,8 @@ class CompressedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         """One step for every parameter group: flatten gradients, exchange, update."""
+        if self.ignore_steps:
+            return None
         loss = None
         if closure is not None:
             with torch.enable_grad():

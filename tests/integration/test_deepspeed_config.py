@@ -132,3 +132,20 @@ def test_lr_scheduler_drives_our_lr():
         engine.step()
         lrs.append(optimizer.param_groups[0]["lr"])
     assert lrs[0] < lrs[1] < lrs[2] <= 0.01
+
+
+def test_bf16_with_gradient_accumulation_counts_only_real_steps():
+    optimizer = {"type": "CDAdam", "params": {"lr": 0.01, "weight_decay": 0.1}}
+    engine, opt, _, _ = _init(optimizer, bf16={"enabled": True}, gradient_accumulation_steps=2)
+    assert isinstance(engine.basic_optimizer, CDAdam) and opt is not engine.basic_optimizer  # wrapped for bf16
+    w0 = engine.module.weight.detach().clone()
+    assert not engine.basic_optimizer.state  # the wrapper's zero-gradient set-up step was not taken
+    for micro in range(4):
+        loss = engine(torch.ones(2, 4, dtype=torch.bfloat16)).float().sum()
+        engine.backward(loss)
+        engine.step()
+        if micro == 0:
+            assert torch.equal(engine.module.weight.detach(), w0)  # no step before the accumulation boundary
+    (state,) = engine.basic_optimizer.state.values()
+    assert state["step"] == engine.global_steps == 2
+    assert engine.module.weight.dtype == torch.bfloat16 and not torch.equal(engine.module.weight.detach(), w0)

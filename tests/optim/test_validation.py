@@ -81,3 +81,11 @@ def test_fp16_params_use_fp32_buffers():
     state = opt.state[p]
     assert state["exp_avg"].dtype == torch.float32 and p.dtype == torch.float16
     assert torch.all(p < 1.0)
+
+
+@pytest.mark.parametrize("key", ["exp_avg_mask", "non_freeze"])
+def test_upstream_group_keys_not_silently_ignored(key):
+    with pytest.raises(
+        ValueError, match=re.escape(f"Parameter-group key {key!r} (upstream OnebitAdam) is not supported")
+    ):
+        OneBitAdam([{"params": [_p()], key: True}], transport=_tr())
