@@ -23,6 +23,7 @@ parser.add_argument("--local_rank", type=int, default=0)
 parser.add_argument("--out", required=True)
 parser.add_argument("--steps", type=int, default=8)
 parser.add_argument("--save-at", type=int, default=0)
+parser.add_argument("--load-from", default="", help="only load this checkpoint (any world size), record, train 2 steps")
 parser = deepspeed.add_config_arguments(parser)
 args = parser.parse_args()
 deepspeed.init_distributed(dist_backend="gloo")
@@ -68,6 +69,16 @@ def initialize(seed: int):
     engine.allreduce_gradients = counting_allreduce
     return engine, optimizer, calls
 
+
+if args.load_from:
+    engine, optimizer, _ = initialize(seed=7)
+    engine.load_checkpoint(args.load_from)
+    (state,) = engine.basic_optimizer.state.values()
+    record = {key: value.clone() if torch.is_tensor(value) else value for key, value in state.items()}
+    record["params"] = flat(engine.module)
+    train(engine, 100, 101)
+    torch.save(record, f"{args.out}/loaded_rank{rank}.pt")
+    raise SystemExit(0)
 
 engine, optimizer, calls = initialize(seed=0)
 record = {"x0": flat(engine.module), "grads": [], "params": [], "optimizer": type(optimizer).__name__}

@@ -29,14 +29,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp_path: Path, optimizer: dict, **extra) -> list[dict]:
+def launch(tmp_path: Path, optimizer: dict, *script_args: str, world_size: int = 2, **extra) -> list[dict]:
     config = {"train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.0, "optimizer": optimizer, **extra}
     (tmp_path / "ds.json").write_text(json.dumps(config))
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [
         str(launcher),
         "--num_gpus",
-        "2",
+        str(world_size),
         "--master_port",
         str(_free_port()),
         "tests/integration/ds_train.py",
@@ -46,12 +46,12 @@ def launch(tmp_path: Path, optimizer: dict, **extra) -> list[dict]:
         str(tmp_path),
         "--steps",
         str(STEPS),
-        "--save-at",
-        str(SAVE_AT),
+        *(script_args or ("--save-at", str(SAVE_AT))),
     ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, check=False)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    prefix = "loaded_rank" if script_args else "rank"
+    return [torch.load(tmp_path / f"{prefix}{r}.pt") for r in range(world_size)]
 
 
 def replay(cls, kwargs: dict, records: list[dict]) -> list[list[torch.Tensor]]:
@@ -87,6 +87,18 @@ def test_cdadam_from_json(tmp_path):
             ref.step([r["grads"][t] for r in records]), records[0]["params"][t], rtol=0, atol=1e-6
         )
     assert not torch.equal(records[0]["params"][-1], x0)
+
+    # Resume the 2-rank checkpoint (saved at step SAVE_AT) on 1 rank: documented behaviour is a
+    # reset of the compression state on every rank, with moments, step and weights kept.
+    saved = torch.load(next((tmp_path / "ckpt").glob("global_step*/cdadam_rank0_of_2.pt")))
+    assert saved["world_size"] == 2 and saved["groups"][0]["markov_state"].abs().sum() > 0
+    (loaded,) = launch(
+        tmp_path, {"type": "CDAdam", "params": {"lr": 0.01}}, "--load-from", str(tmp_path / "ckpt"), world_size=1
+    )
+    assert loaded["step"] == SAVE_AT
+    assert loaded["markov_state"].abs().sum() == 0 and loaded["down_markov_state"].abs().sum() == 0
+    assert loaded["server_markov_state"].numel() == x0.numel()  # one rank serves the whole buffer now
+    assert loaded["exp_avg"].abs().sum() > 0
 
 
 def test_onebitadam_from_json_uses_engine_allreduce_only_in_warmup(tmp_path):
