@@ -23,9 +23,16 @@ parser.add_argument("--local_rank", type=int, default=0)
 parser.add_argument("--out", required=True)
 parser.add_argument("--steps", type=int, default=8)
 parser.add_argument("--save-at", type=int, default=0)
+parser.add_argument("--inf-at", default="", help="RANK:STEP, feed that rank an inf input at that step (fp16 overflow)")
 parser.add_argument("--load-from", default="", help="only load this checkpoint (any world size), record, train 2 steps")
 parser = deepspeed.add_config_arguments(parser)
 args = parser.parse_args()
+with open(args.deepspeed_config) as fh:
+    if json.load(fh).get("fp16", {}).get("enabled"):
+        from deepspeed.accelerator import get_accelerator
+
+        # The CPU accelerator says fp16 is unsupported (it is slow, not wrong): allow it for the tests.
+        get_accelerator().is_fp16_supported = lambda: True
 deepspeed.init_distributed(dist_backend="gloo")
 rank = torch.distributed.get_rank()
 
@@ -35,9 +42,15 @@ def make_model(seed: int) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.Tanh(), torch.nn.Linear(17, 5))
 
 
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+INF_RANK, INF_STEP = (int(v) for v in args.inf_at.split(":")) if args.inf_at else (-1, -1)
+
+
+def batch(step: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1000 * step + rank)
-    return torch.randn(8, 13, generator=gen), torch.randn(8, 5, generator=gen)
+    x, y = torch.randn(8, 13, generator=gen), torch.randn(8, 5, generator=gen)
+    if (rank, step) == (INF_RANK, INF_STEP):
+        x[0, 0] = float("inf")
+    return x.to(dtype), y.to(dtype)
 
 
 def flat(model: torch.nn.Module, grads: bool = False) -> torch.Tensor:
@@ -45,15 +58,18 @@ def flat(model: torch.nn.Module, grads: bool = False) -> torch.Tensor:
 
 
 def train(engine, first: int, last: int, record: dict | None = None) -> None:
+    dtype = next(engine.module.parameters()).dtype
     for step in range(first, last + 1):
-        x, y = batch(step)
-        loss = torch.nn.functional.mse_loss(engine(x), y)
+        x, y = batch(step, dtype)
+        loss = torch.nn.functional.mse_loss(engine(x).float(), y.float())
         engine.backward(loss)
         if record is not None:
             record["grads"].append(flat(engine.module, grads=True))
         engine.step()
         if record is not None:
             record["params"].append(flat(engine.module))
+            state = next(iter(engine.basic_optimizer.state.values()), {})
+            record["opt_state"].append({k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()})
 
 
 def initialize(seed: int):
@@ -81,10 +97,11 @@ if args.load_from:
     raise SystemExit(0)
 
 engine, optimizer, calls = initialize(seed=0)
-record = {"x0": flat(engine.module), "grads": [], "params": [], "optimizer": type(optimizer).__name__}
+record = {"x0": flat(engine.module), "grads": [], "params": [], "opt_state": [], "optimizer": type(optimizer).__name__}
 train(engine, 1, args.steps, record)
 record["allreduce_calls"] = calls["allreduce"]
 record["bytes_sent"] = engine.basic_optimizer.comm_stats.bytes_sent
+record["skipped_steps"] = engine.skipped_steps
 
 if args.save_at:
     ckpt = f"{args.out}/ckpt"

@@ -46,11 +46,12 @@ def launch(tmp_path: Path, optimizer: dict, *script_args: str, world_size: int =
         str(tmp_path),
         "--steps",
         str(STEPS),
-        *(script_args or ("--save-at", str(SAVE_AT))),
+        *(() if "--load-from" in script_args else ("--save-at", str(SAVE_AT))),
+        *script_args,
     ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, check=False)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    prefix = "loaded_rank" if script_args else "rank"
+    prefix = "loaded_rank" if "--load-from" in script_args else "rank"
     return [torch.load(tmp_path / f"{prefix}{r}.pt") for r in range(world_size)]
 
 
@@ -113,3 +114,23 @@ def test_onebitadam_from_json_uses_engine_allreduce_only_in_warmup(tmp_path):
     for rank in range(2):
         assert all(torch.equal(a, b) for a, b in zip(records[rank]["params"], replayed[rank]))
         assert torch.equal(records[rank]["resumed_params"], records[rank]["params"][-1])
+
+
+def test_fp16_overflow_on_one_rank_skips_the_step_on_all_ranks(tmp_path):
+    records = launch(
+        tmp_path,
+        {"type": "CDAdam", "params": {"lr": 0.01}},
+        "--inf-at",
+        "1:4",
+        fp16={"enabled": True, "initial_scale_power": 8},
+    )
+    for r in records:
+        assert r["skipped_steps"] == 1
+        steps = [s["step"] for s in r["opt_state"]]
+        assert steps == [1, 2, 3, 3, 4, 5, 6, 7]  # step 4 overflowed on rank 1 and was skipped on both ranks
+        before, skipped = r["opt_state"][2], r["opt_state"][3]
+        for key in ("markov_state", "server_markov_state", "down_markov_state", "exp_avg", "max_exp_avg_sq"):
+            assert torch.equal(before[key], skipped[key]), key  # compression state untouched
+        assert torch.equal(r["params"][2], r["params"][3])
+        assert torch.isfinite(r["params"][-1]).all()
+    assert torch.equal(records[0]["params"][-1], records[1]["params"][-1])
