@@ -38,7 +38,14 @@ class OneBitAdam(CompressedOptimizer):
 
     The phase is ``state["step"] <= freeze_step``: warm-up. Steps (4)-(5) are
     ``exchange.ErrorFeedbackExchange``.
+
+    Param-group keys, as upstream: ``exp_avg_mask`` (a tensor with one entry per coordinate of the
+    group, e.g. zeros for embedding rows that never get a gradient) multiplies ``m`` after each
+    compressed exchange, since 1-bit compression cannot represent exact zeros; ``non_freeze=True``
+    keeps a group uncompressed (exact all-reduce, ``v`` keeps adapting) after the warm-up.
     """
+
+    UNSUPPORTED_GROUP_KEYS = ()
 
     def __init__(
         self,
@@ -79,6 +86,15 @@ class OneBitAdam(CompressedOptimizer):
         # every step and after loading a checkpoint: the engine turns its all-reduce off / on.
         self.on_phase_change: Callable[[bool], None] | None = None
 
+    @staticmethod
+    def _flat_mask(mask: object, like: torch.Tensor) -> torch.Tensor:
+        if not torch.is_tensor(mask) or mask.numel() != like.numel():
+            raise ValueError(
+                f"Invalid exp_avg_mask: must be a tensor with one entry per coordinate of the group "
+                f"({like.numel()}), got {mask.shape if torch.is_tensor(mask) else type(mask).__name__}."
+            )
+        return mask.reshape(-1).to(device=like.device, dtype=like.dtype)
+
     def next_step_is_compressed(self) -> bool:
         """True once ``freeze_step`` steps have been taken."""
         steps = [self.group_state(g).get(STEP, 0) for g in self.param_groups if self.trainable(g)]
@@ -103,9 +119,10 @@ class OneBitAdam(CompressedOptimizer):
     ) -> None:
         beta1, beta2 = group["betas"]
         step = state[STEP]
-        if step <= self.freeze_step:
+        non_freeze = bool(group.get("non_freeze", False))
+        if step <= self.freeze_step or non_freeze:
             # (1) exact average of the gradients; (2) Adam moments
-            if self.warmup_grads_are_averaged:
+            if self.warmup_grads_are_averaged and step <= self.freeze_step:
                 mean_grad = grad
             else:
                 mean_grad = self._exchange_for(index, grad.numel(), "none").exchange(
@@ -118,6 +135,9 @@ class OneBitAdam(CompressedOptimizer):
             # (4)-(6) error-feedback compressed average of the momentum
             compressed = self._exchange_for(index, grad.numel())
             state[EXP_AVG].copy_(compressed.exchange(state[EXP_AVG], state, step=step, group=index))
+            mask = group.get("exp_avg_mask")
+            if mask is not None:
+                state[EXP_AVG].mul_(self._flat_mask(mask, state[EXP_AVG]))
         # (7) x <- x - lr * (m / (sqrt(v) + eps) + wd * x)
         direction = onebit_adam_direction(state[EXP_AVG], state[EXP_AVG_SQ], eps=group["eps"])
         apply_update_(params, direction, lr=group["lr"], weight_decay=group["weight_decay"], decoupled=False)

@@ -88,4 +88,4 @@ def test_upstream_group_keys_not_silently_ignored(key):
     with pytest.raises(
         ValueError, match=re.escape(f"Parameter-group key {key!r} (upstream OnebitAdam) is not supported")
     ):
-        OneBitAdam([{"params": [_p()], key: True}], transport=_tr())
+        CDAdam([{"params": [_p()], key: True}], transport=_tr())
