@@ -44,11 +44,27 @@ from .comm.accounting import CommStats, all_gather_bytes_sent, all_reduce_bytes_
 from .comm.layout import ShardLayout
 from .comm.transport import Transport
 from .compressors.base import Compressor
+from .compressors.sign import ScaledSign
 from .types import DOWN_MARKOV_STATE, MARKOV_STATE, SERVER_ERROR, SERVER_MARKOV_STATE, WORKER_ERROR
 
 EXCHANGE_NAMES = ("markov", "error_feedback", "naive", "none")
 
 _UP, _DOWN = 0, 1
+
+
+WORKER_SCALE_SCOPES = ("block", "tensor")
+
+
+def check_worker_scale_scope(scope: object, compressor: Compressor | None) -> None:
+    if scope not in WORKER_SCALE_SCOPES:
+        raise ValueError(f"Invalid worker_scale_scope={scope!r}. Allowed: {', '.join(WORKER_SCALE_SCOPES)}.")
+    if scope == "tensor" and not isinstance(compressor, ScaledSign):
+        raise ValueError("worker_scale_scope='tensor' needs a scaled-sign compressor ('scaled_sign' or 'sign_l2').")
+
+
+def tensor_scale(compressor: Compressor, x: torch.Tensor) -> torch.Tensor:
+    """The compressor's scale of ``x`` taken as one block."""
+    return compressor.block_scales(x, (x.numel(),))  # type: ignore[attr-defined]
 
 
 def shared_seed(base_seed: int, step: int, group: int, direction: int, shard: int, sender: int) -> int:
@@ -114,18 +130,26 @@ class CompressedExchange(Exchange):
         compressor: Compressor,
         stats: CommStats | None = None,
         seed: int = 0,
+        worker_scale_scope: str = "block",
     ) -> None:
         super().__init__(transport, layout, stats)
+        check_worker_scale_scope(worker_scale_scope, compressor)
         self.compressor = compressor
         self.seed = seed
+        self.worker_scale_scope = worker_scale_scope
 
     def _wire_nbytes(self, dtype: torch.dtype) -> int:
         return self.compressor.wire_nbytes(self.layout.capacity, self.layout.max_blocks, dtype)
 
-    def _encode(self, v: torch.Tensor, shard: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(
+        self, v: torch.Tensor, shard: int, seed: int, scale: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(wire bytes, C(v) as the receiver will decode it) for shard ``shard``'s vector ``v``."""
         lay = self.layout
-        c = self.compressor.compress(v, lay.shard_blocks(shard), seed=seed)
+        if scale is None:
+            c = self.compressor.compress(v, lay.shard_blocks(shard), seed=seed)
+        else:
+            c = self.compressor.compress(v, lay.shard_blocks(shard), seed=seed, scale=scale)  # type: ignore[call-arg]
         wire = self.compressor.to_wire(c, lay.capacity, lay.max_blocks, v.dtype)
         return wire, self.compressor.decompress(c, dtype=v.dtype, seed=seed)
 
@@ -138,9 +162,11 @@ class CompressedExchange(Exchange):
         """Worker -> server. Returns (``C(x)`` full length, as the servers decode it;
         ``mean_i C(x_i)`` on this rank's shard)."""
         lay, n, me = self.layout, self.layout.world_size, self.rank
+        # one scale for the whole vector (upstream OnebitAdam's worker side), or each block its own
+        scale = tensor_scale(self.compressor, x) if self.worker_scale_scope == "tensor" else None
         wires, local = [], []
         for j in range(n):
-            wire, c = self._encode(x[lay.shard_slice(j)], j, shared_seed(self.seed, step, group, _UP, j, me))
+            wire, c = self._encode(x[lay.shard_slice(j)], j, shared_seed(self.seed, step, group, _UP, j, me), scale)
             wires.append(wire)
             local.append(c)
         send = torch.cat(wires)
@@ -233,6 +259,7 @@ def make_exchange(
     compressor: Compressor | None,
     stats: CommStats | None = None,
     seed: int = 0,
+    worker_scale_scope: str = "block",
 ) -> Exchange:
     """Pick the scheme by name."""
     match name:
@@ -241,10 +268,10 @@ def make_exchange(
         case "markov" | "error_feedback" | "naive" if compressor is None:
             raise ValueError(f"exchange={name!r} needs a compressor.")
         case "markov":
-            return MarkovExchange(transport, layout, compressor, stats, seed)
+            return MarkovExchange(transport, layout, compressor, stats, seed, worker_scale_scope)
         case "error_feedback":
-            return ErrorFeedbackExchange(transport, layout, compressor, stats, seed)
+            return ErrorFeedbackExchange(transport, layout, compressor, stats, seed, worker_scale_scope)
         case "naive":
-            return NaiveExchange(transport, layout, compressor, stats, seed)
+            return NaiveExchange(transport, layout, compressor, stats, seed, worker_scale_scope)
         case _:
             raise ValueError(f"Unknown exchange={name!r}. Allowed: {', '.join(EXCHANGE_NAMES)}.")

@@ -22,7 +22,7 @@ import torch
 from .comm.layout import ShardLayout
 from .compressors.base import Compressor
 from .compressors.registry import get_compressor
-from .exchange import shared_seed
+from .exchange import shared_seed, tensor_scale
 
 _UP, _DOWN = 0, 1
 
@@ -36,6 +36,7 @@ def compress_by_shard(
     group: int,
     direction: int,
     sender: int | None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``C(x)`` applied to each server shard of ``x`` with that shard's blocks (the sharded layout).
 
@@ -44,7 +45,11 @@ def compress_by_shard(
     parts = []
     for j in range(layout.world_size):
         seed = shared_seed(0, step, group, direction, j, j if sender is None else sender)
-        parts.append(compressor(x[layout.shard_slice(j)], layout.shard_blocks(j), seed=seed))
+        if scale is None:
+            parts.append(compressor(x[layout.shard_slice(j)], layout.shard_blocks(j), seed=seed))
+        else:  # one scale given for every block (worker_scale_scope="tensor")
+            c = compressor.compress(x[layout.shard_slice(j)], layout.shard_blocks(j), seed=seed, scale=scale)
+            parts.append(compressor.decompress(c, dtype=x.dtype, seed=seed))
     return torch.cat(parts)
 
 
@@ -64,14 +69,16 @@ class Reference(ABC):
         self.compressor = get_compressor(compressor) if compressor is not None else None
         self.t = 0
         self.group = 0
+        self.worker_scale_scope = "block"  # or "tensor": one worker scale for the whole vector
         self.bits_up = 0
         self.bits_down = 0
 
     def C_up(self, v: torch.Tensor, worker: int) -> torch.Tensor:
         assert self.compressor is not None
         self.bits_up += self._bits()
+        scale = tensor_scale(self.compressor, v) if self.worker_scale_scope == "tensor" else None
         return compress_by_shard(
-            self.compressor, v, self.layout, step=self.t, group=self.group, direction=_UP, sender=worker
+            self.compressor, v, self.layout, step=self.t, group=self.group, direction=_UP, sender=worker, scale=scale
         )
 
     def C_down(self, v: torch.Tensor) -> torch.Tensor:

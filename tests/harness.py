@@ -37,6 +37,18 @@ CASES = {
     "error_feedback": (CDAdam, {"exchange": "error_feedback"}, ErrorFeedbackAMSGradReference, {}),
     "naive": (CDAdam, {"exchange": "naive"}, NaiveAMSGradReference, {}),
     "uncompressed": (CDAdam, {"exchange": "none"}, AMSGradReference, {}),
+    "onebit_tensor_scale": (
+        OneBitAdam,
+        {"freeze_step": 5, "worker_scale_scope": "tensor"},
+        OneBitAdamReference,
+        {"freeze_step": 5, "worker_scale_scope": "tensor"},
+    ),
+    "cdadam_tensor_scale": (
+        CDAdam,
+        {"worker_scale_scope": "tensor"},
+        CDAdamReference,
+        {"worker_scale_scope": "tensor"},
+    ),
     "onebit": (
         OneBitAdam,
         {"freeze_step": 5, "weight_decay": 0.01},
@@ -96,11 +108,14 @@ def run_optimizer(case: str, rank: int, transport, steps: int, dtype=torch.float
 def run_reference(case: str, world_size: int, steps: int, dtype=torch.float64, block_size=None):
     _, _, ref_cls, kwargs = CASES[case]
     refs = []
+    kwargs = dict(kwargs)
+    scope = kwargs.pop("worker_scale_scope", "block")
     for gi, x0 in enumerate(initial_groups(dtype)):
         ref = ref_cls(
             x0, world_size, ShardLayout(x0.numel(), world_size, block_size), lr=GROUP_LR[gi], **_compressor(kwargs)
         )
         ref.group = gi
+        ref.worker_scale_scope = scope
         refs.append(ref)
     history = []
     for t in range(1, steps + 1):

@@ -12,6 +12,7 @@ An empty block has scale 0. Cost: ``d`` bits plus one scale (32 bits in fp32) pe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -48,8 +49,14 @@ def l1_block_scales(x: torch.Tensor, block_sizes: Sequence[int]) -> torch.Tensor
 
 
 def l2_block_scales(x: torch.Tensor, block_sizes: Sequence[int]) -> torch.Tensor:
-    """``||x_B||_2 / sqrt(d_B)`` per block."""
+    """``||x_B||_2 / sqrt(d_B)`` per block.
+
+    One block is computed as ``torch.linalg.norm(x) / math.sqrt(d)``, the very operations of
+    DeepSpeed's compressed all-reduce, so that 1-bit Adam can match upstream bit for bit.
+    """
     blocks = check_blocks(x, block_sizes)
+    if len(blocks) == 1:
+        return torch.linalg.vector_norm(x).reshape(1) / math.sqrt(max(blocks[0], 1))
     d = torch.tensor(blocks, dtype=x.dtype, device=x.device).clamp_min(1)
     return _block_sums(x * x, blocks).sqrt() / d.sqrt()
 
@@ -66,7 +73,7 @@ def scaled_sign_l2(x: torch.Tensor, block_sizes: Sequence[int] | None = None) ->
     return _expand(l2_block_scales(x, blocks), blocks) * sign_plus(x)
 
 
-class _ScaledSign(Compressor):
+class ScaledSign(Compressor):
     """Shared packing and wire format: ``[packed signs | one scale per block]``.
 
     Subclasses set ``block_scales``, the per-block scale function.
@@ -74,9 +81,14 @@ class _ScaledSign(Compressor):
 
     block_scales = staticmethod(l1_block_scales)
 
-    def compress(self, x: torch.Tensor, block_sizes: Sequence[int], *, seed: int = 0) -> Compressed:
+    def compress(
+        self, x: torch.Tensor, block_sizes: Sequence[int], *, seed: int = 0, scale: torch.Tensor | None = None
+    ) -> Compressed:
+        """``scale`` (one value) replaces every block's own scale: a scale computed over a larger
+        vector than ``x`` (``worker_scale_scope="tensor"``)."""
         blocks = check_blocks(x, block_sizes)
-        return Compressed(pack_signs(x), self.block_scales(x, blocks), x.numel(), blocks)
+        scales = self.block_scales(x, blocks) if scale is None else scale.reshape(1).expand(len(blocks)).clone()
+        return Compressed(pack_signs(x), scales, x.numel(), blocks)
 
     def decompress(self, c: Compressed, *, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
         signs = unpack_signs(c.payload, c.numel, dtype)
@@ -105,14 +117,14 @@ class _ScaledSign(Compressor):
         return sum(block_sizes) + 8 * itemsize(dtype) * len(tuple(block_sizes))
 
 
-class ScaledSignL1(_ScaledSign):
+class ScaledSignL1(ScaledSign):
     """CD-Adam's compressor ``(||x_B||_1 / d_B) * sign(x_B)``."""
 
     name = "scaled_sign"
     block_scales = staticmethod(l1_block_scales)
 
 
-class ScaledSignL2(_ScaledSign):
+class ScaledSignL2(ScaledSign):
     """1-bit Adam's compressor ``(||x_B||_2 / sqrt(d_B)) * sign(x_B)``."""
 
     name = "sign_l2"

@@ -49,6 +49,7 @@ _COMMON_KEYS = (
     "cuda_aware",
     "timeout_s",
     "seed",
+    "worker_scale_scope",
 )
 #: JSON ``optimizer.params`` keys each type accepts.
 ALLOWED_KEYS: dict[str, tuple[str, ...]] = {

@@ -20,7 +20,7 @@ from ..comm.layout import ShardLayout
 from ..comm.transport import DEFAULT_TIMEOUT_S, TorchDistributedTransport, Transport
 from ..compressors.base import Compressor
 from ..compressors.registry import get_compressor
-from ..exchange import EXCHANGE_NAMES, Exchange, make_exchange
+from ..exchange import EXCHANGE_NAMES, Exchange, check_worker_scale_scope, make_exchange
 from ..types import DOWN_MARKOV_STATE, EXP_AVG, PER_RANK_KEYS, STEP
 
 
@@ -62,11 +62,14 @@ class CompressedOptimizer(torch.optim.Optimizer):
         process_group: object | None,
         timeout_s: float,
         seed: int,
+        worker_scale_scope: str = "block",
     ) -> None:
         if exchange not in EXCHANGE_NAMES:
             raise ValueError(f"Unknown exchange={exchange!r}. Allowed: {', '.join(EXCHANGE_NAMES)}.")
         super().__init__(params, defaults)
         self.compressor = get_compressor(compressor)
+        check_worker_scale_scope(worker_scale_scope, self.compressor)
+        self.worker_scale_scope = worker_scale_scope
         ShardLayout(0, 1, block_size)  # validates block_size now, not at the first step
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"Invalid seed={seed!r}. Must be an int.")
@@ -98,7 +101,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
         if key not in self._exchanges:
             layout = ShardLayout(numel, self.transport.world_size, self.block_size)
             self._exchanges[key] = make_exchange(
-                key[1], self.transport, layout, self.compressor, self.comm_stats, self.seed
+                key[1], self.transport, layout, self.compressor, self.comm_stats, self.seed, self.worker_scale_scope
             )
         return self._exchanges[key]
 

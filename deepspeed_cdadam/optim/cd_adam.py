@@ -53,6 +53,9 @@ class CDAdam(CompressedOptimizer):
         transport: a ``Transport``; default ``TorchDistributedTransport(process_group)``.
         timeout_s: collective timeout of the default transport.
         seed: base of the shared per-step seeds (rand-k).
+        worker_scale_scope: "block" (each block of each shard its own scale) or "tensor" (one
+            scale for the worker's whole flat buffer, sent with every shard: upstream OnebitAdam's
+            worker side). The server side always scales per block.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class CDAdam(CompressedOptimizer):
         process_group: object | None = None,
         timeout_s: float = 300.0,
         seed: int = 0,
+        worker_scale_scope: str = "block",
     ) -> None:
         validate_adam_hparams(lr, betas, eps, weight_decay)
         if not isinstance(amsgrad, bool):
@@ -86,6 +90,7 @@ class CDAdam(CompressedOptimizer):
             process_group=process_group,
             timeout_s=timeout_s,
             seed=seed,
+            worker_scale_scope=worker_scale_scope,
         )
 
     def init_group_state(self, index: int, group: dict[str, Any], state: dict[str, Any], zeros: torch.Tensor) -> None:

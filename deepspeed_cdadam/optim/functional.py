@@ -59,9 +59,10 @@ def apply_update_(
         for p in params:
             d = direction[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
-            if weight_decay == 0.0:
+            if decoupled:
+                if weight_decay != 0.0:
+                    p.mul_(1 - lr * weight_decay)
                 p.add_(d.to(p.dtype), alpha=-lr)
-            elif decoupled:
-                p.mul_(1 - lr * weight_decay).add_(d.to(p.dtype), alpha=-lr)
-            else:
-                p.add_((d + weight_decay * p).to(p.dtype), alpha=-lr)
+            else:  # DeepSpeed OnebitAdam's own operations: update = d + wd * p; p += -lr * update
+                update = d + weight_decay * p if weight_decay > 0.0 else d
+                p.add_((-lr * update).to(p.dtype))

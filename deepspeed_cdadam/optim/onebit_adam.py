@@ -43,6 +43,10 @@ class OneBitAdam(CompressedOptimizer):
     group, e.g. zeros for embedding rows that never get a gradient) multiplies ``m`` after each
     compressed exchange, since 1-bit compression cannot represent exact zeros; ``non_freeze=True``
     keeps a group uncompressed (exact all-reduce, ``v`` keeps adapting) after the warm-up.
+
+    With ``worker_scale_scope="tensor"`` and one parameter per group whose size is a multiple of
+    ``8 * world_size``, the arithmetic is DeepSpeed 0.19.6's OnebitAdam with its compressed
+    all-reduce, operation for operation (tested against it).
     """
 
     UNSUPPORTED_GROUP_KEYS = ()
@@ -62,6 +66,7 @@ class OneBitAdam(CompressedOptimizer):
         process_group: object | None = None,
         timeout_s: float = 300.0,
         seed: int = 0,
+        worker_scale_scope: str = "block",
     ) -> None:
         validate_adam_hparams(lr, betas, eps, weight_decay)
         if not isinstance(freeze_step, int) or isinstance(freeze_step, bool) or freeze_step < 0:
@@ -77,6 +82,7 @@ class OneBitAdam(CompressedOptimizer):
             process_group=process_group,
             timeout_s=timeout_s,
             seed=seed,
+            worker_scale_scope=worker_scale_scope,
         )
         self.freeze_step = freeze_step
         # Set by the DeepSpeed integration: during the warm-up the engine has already averaged the

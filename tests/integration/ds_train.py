@@ -24,6 +24,8 @@ parser.add_argument("--out", required=True)
 parser.add_argument("--steps", type=int, default=8)
 parser.add_argument("--save-at", type=int, default=0)
 parser.add_argument("--inf-at", default="", help="RANK:STEP, feed that rank an inf input at that step (fp16 overflow)")
+parser.add_argument("--model", choices=("mlp", "single"), default="mlp", help="single: one weight tensor, 128 params")
+parser.add_argument("--upstream", action="store_true", help="DeepSpeed's own OnebitAdam on a CPU backend")
 parser.add_argument("--load-from", default="", help="only load this checkpoint (any world size), record, train 2 steps")
 parser = deepspeed.add_config_arguments(parser)
 args = parser.parse_args()
@@ -37,9 +39,21 @@ deepspeed.init_distributed(dist_backend="gloo")
 rank = torch.distributed.get_rank()
 
 
+IN, OUT = (13, 5) if args.model == "mlp" else (16, 8)
+if args.upstream:
+    import upstream_cpu_backend
+
+    from deepspeed_cdadam.integration.deepspeed import unregister
+
+    unregister()  # "OneBitAdam" goes to deepspeed.runtime.fp16.onebit.adam.OnebitAdam again
+    upstream_cpu_backend.install()
+
+
 def make_model(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(13, 17), torch.nn.Tanh(), torch.nn.Linear(17, 5))
+    if args.model == "single":
+        return torch.nn.Linear(IN, OUT, bias=False)
+    return torch.nn.Sequential(torch.nn.Linear(IN, 17), torch.nn.Tanh(), torch.nn.Linear(17, OUT))
 
 
 INF_RANK, INF_STEP = (int(v) for v in args.inf_at.split(":")) if args.inf_at else (-1, -1)
@@ -47,7 +61,7 @@ INF_RANK, INF_STEP = (int(v) for v in args.inf_at.split(":")) if args.inf_at els
 
 def batch(step: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1000 * step + rank)
-    x, y = torch.randn(8, 13, generator=gen), torch.randn(8, 5, generator=gen)
+    x, y = torch.randn(8, IN, generator=gen), torch.randn(8, OUT, generator=gen)
     if (rank, step) == (INF_RANK, INF_STEP):
         x[0, 0] = float("inf")
     return x.to(dtype), y.to(dtype)
@@ -68,7 +82,7 @@ def train(engine, first: int, last: int, record: dict | None = None) -> None:
         engine.step()
         if record is not None:
             record["params"].append(flat(engine.module))
-            state = next(iter(engine.basic_optimizer.state.values()), {})
+            state = next(iter(engine.basic_optimizer.state.values()), {}) if not args.upstream else {}
             record["opt_state"].append({k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()})
 
 
@@ -97,10 +111,16 @@ if args.load_from:
     raise SystemExit(0)
 
 engine, optimizer, calls = initialize(seed=0)
+if args.upstream:
+    # Upstream's first step() only initialises its buffers and moves nothing; with a zero gradient
+    # it also leaves m and v at zero, so the recorded steps below line up with a fresh optimizer.
+    engine.backward(0.0 * engine(torch.zeros(8, IN)).sum())
+    engine.step()
+    calls["allreduce"] = 0
 record = {"x0": flat(engine.module), "grads": [], "params": [], "opt_state": [], "optimizer": type(optimizer).__name__}
 train(engine, 1, args.steps, record)
 record["allreduce_calls"] = calls["allreduce"]
-record["bytes_sent"] = engine.basic_optimizer.comm_stats.bytes_sent
+record["bytes_sent"] = getattr(getattr(engine.basic_optimizer, "comm_stats", None), "bytes_sent", None)
 record["skipped_steps"] = engine.skipped_steps
 
 if args.save_at:

@@ -46,8 +46,11 @@ def _init(optimizer: dict, **extra):
             {"type": "CDAdam", "params": {"lr": 1e-3, "betaz": [0.9, 0.99]}},
             {},
             ValueError,
-            "Unknown key optimizer.params.betaz for optimizer type 'cdadam'. Allowed: lr, betas, eps, weight_decay, "
-            "compressor, block_size, comm_backend_name, cuda_aware, timeout_s, seed, amsgrad, exchange. Did you mean 'betas'?",
+            (
+                "Unknown key optimizer.params.betaz for optimizer type 'cdadam'. Allowed: lr, betas, eps, weight_decay, "
+                "compressor, block_size, comm_backend_name, cuda_aware, timeout_s, seed, worker_scale_scope, amsgrad, "
+                "exchange. Did you mean 'betas'?"
+            ),
         ),
         (
             {"type": "OneBitAdam", "params": {"amsgrad": True}},
@@ -77,8 +80,10 @@ def _init(optimizer: dict, **extra):
             {"type": "CDAdam", "params": {}},
             {"zero_optimization": {"stage": 1}},
             ValueError,
-            "Optimizer type 'CDAdam' does not support ZeRO (zero_optimization.stage=1): it compresses whole gradients. "
-            "Set zero_optimization.stage to 0.",
+            (
+                "Optimizer type 'CDAdam' does not support ZeRO (zero_optimization.stage=1): it compresses whole "
+                "gradients. Set zero_optimization.stage to 0."
+            ),
         ),
         (
             {"type": "CDAdam", "params": {"comm_backend_name": "mpi"}},

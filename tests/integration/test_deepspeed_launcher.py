@@ -8,12 +8,14 @@ loses nothing); CD-Adam equals the simulator; save at step k + load + continue =
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from deepspeed_cdadam import CDAdam, InProcessWorld, OneBitAdam, ShardLayout
@@ -29,7 +31,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp_path: Path, optimizer: dict, *script_args: str, world_size: int = 2, **extra) -> list[dict]:
+def launch(
+    tmp_path: Path, optimizer: dict, *script_args: str, world_size: int = 2, save: bool = True, **extra
+) -> list[dict]:
     config = {"train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.0, "optimizer": optimizer, **extra}
     (tmp_path / "ds.json").write_text(json.dumps(config))
     launcher = Path(sys.executable).with_name("deepspeed")
@@ -46,7 +50,7 @@ def launch(tmp_path: Path, optimizer: dict, *script_args: str, world_size: int =
         str(tmp_path),
         "--steps",
         str(STEPS),
-        *(() if "--load-from" in script_args else ("--save-at", str(SAVE_AT))),
+        *(("--save-at", str(SAVE_AT)) if save and "--load-from" not in script_args else ()),
         *script_args,
     ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, check=False)
@@ -134,3 +138,42 @@ def test_fp16_overflow_on_one_rank_skips_the_step_on_all_ranks(tmp_path):
         assert torch.equal(r["params"][2], r["params"][3])
         assert torch.isfinite(r["params"][-1]).all()
     assert torch.equal(records[0]["params"][-1], records[1]["params"][-1])
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed.runtime.fp16.onebit") is None,
+    reason="upstream OnebitAdam was removed after deepspeed 0.19.6",
+)
+def test_onebitadam_matches_upstream_onebitadam_bit_for_bit(tmp_path):
+    """DeepSpeed 0.19.6's own OnebitAdam (its compressed all-reduce code, CPU bit packing swapped in)
+    against ours inside the same engine: identical parameters through warm-up and compressed phase.
+
+    Lining the two up: upstream's first step() only initialises (a zero-gradient step is given to it
+    first, so its freeze_step is one higher); one weight tensor of 128 = 8 * 8 * 2 coordinates
+    (upstream compresses per tensor and pads to a multiple of 8 * world_size); one worker scale per
+    tensor as upstream (worker_scale_scope="tensor").
+    """
+    (tmp_path / "up").mkdir()
+    (tmp_path / "ours").mkdir()
+    upstream = launch(
+        tmp_path / "up",
+        {"type": "OneBitAdam", "params": {"lr": 0.01, "freeze_step": 4, "comm_backend_name": "compressed"}},
+        "--model",
+        "single",
+        "--upstream",
+        save=False,
+    )
+    ours = launch(
+        tmp_path / "ours",
+        {"type": "OneBitAdam", "params": {"lr": 0.01, "freeze_step": 3, "worker_scale_scope": "tensor"}},
+        "--model",
+        "single",
+        save=False,
+    )
+    assert upstream[0]["optimizer"] == "OnebitAdam" and ours[0]["optimizer"] == "OneBitAdam"
+    for a, b in zip(upstream, ours):
+        assert a["allreduce_calls"] == b["allreduce_calls"] == 3
+        assert torch.equal(a["x0"], b["x0"])
+        for t in range(STEPS):
+            assert torch.equal(a["params"][t], b["params"][t]), f"step {t + 1}"
+        assert not torch.equal(a["params"][-1], a["params"][3])  # the compressed phase moved the weights
