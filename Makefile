@@ -24,11 +24,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/torchrun --standalone --nproc_per_node 2 scripts/demo.py
 
+# DeepSpeed JIT-builds small ops; each venv keeps its own (0.19.6 and 0.19.8 builds are incompatible).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+	TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(BIN)/python -m pytest -q -m "not slow and not gpu"
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m "slow"
+	TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(BIN)/python -m pytest -q -m "slow"
 
 $(LATEST_STAMP): requirements.txt pyproject.toml
 	$(PY) -m venv $(LATEST_VENV)
@@ -40,7 +41,7 @@ $(LATEST_STAMP): requirements.txt pyproject.toml
 	touch $(LATEST_STAMP)
 
 test-deepspeed-latest: $(LATEST_STAMP)
-	$(LATEST_VENV)/bin/python -m pytest -q tests/integration
+	TORCH_EXTENSIONS_DIR=$(abspath $(LATEST_VENV))/torch_extensions $(LATEST_VENV)/bin/python -m pytest -q tests/integration
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info

@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from ..comm.transport import TorchDistributedTransport
+from ..comm.mpi import MpiTransport
+from ..comm.transport import TorchDistributedTransport, Transport
 from ..optim.base import CompressedOptimizer
 from ..optim.cd_adam import CDAdam
 from ..optim.onebit_adam import OneBitAdam
@@ -79,14 +80,11 @@ def _check_backend_name(name: object) -> None:
 
     accelerator_name = get_accelerator().communication_backend_name()
     if name == "mpi":
-        raise ValueError(
-            "optimizer.params.comm_backend_name='mpi' is not available in this release; use 'torch' "
-            "(gloo on CPU, NCCL on GPU), which DeepSpeed itself launches over MPI as well."
-        )
+        return
     if not isinstance(name, str) or (name not in TORCH_BACKEND_NAMES and name != accelerator_name):
         raise ValueError(
             f"Invalid optimizer.params.comm_backend_name={name!r}. Allowed: "
-            f"{', '.join(TORCH_BACKEND_NAMES)} (all use torch.distributed), or {accelerator_name!r}."
+            f"{', '.join(TORCH_BACKEND_NAMES)} (all use torch.distributed), {accelerator_name!r}, or 'mpi' (mpi4py)."
         )
 
 
@@ -99,7 +97,8 @@ def build_optimizer(engine: Any, type_name: str, model_parameters: Any) -> Compr
             f"Optimizer type {engine.optimizer_name()!r} does not support ZeRO (zero_optimization.stage="
             f"{engine.zero_optimization_stage()}): it compresses whole gradients. Set zero_optimization.stage to 0."
         )
-    _check_backend_name(params.pop("comm_backend_name", "torch"))
+    backend_name = params.pop("comm_backend_name", "torch")
+    _check_backend_name(backend_name)
     cuda_aware = params.pop("cuda_aware", False)
     if not isinstance(cuda_aware, bool):
         raise TypeError(f"Invalid optimizer.params.cuda_aware={cuda_aware!r}. Must be a bool.")
@@ -114,8 +113,16 @@ def build_optimizer(engine: Any, type_name: str, model_parameters: Any) -> Compr
     if "betas" in params and isinstance(params["betas"], list):
         params["betas"] = tuple(params["betas"])
 
-    group = engine.mpu.get_data_parallel_group() if engine.mpu is not None else engine.seq_data_parallel_group
-    transport = TorchDistributedTransport(group, params.pop("timeout_s", 300.0))
+    timeout_s = params.pop("timeout_s", 300.0)
+    if backend_name == "mpi":
+        if engine.mpu is not None:
+            raise ValueError(
+                "comm_backend_name='mpi' uses MPI.COMM_WORLD; with an mpu (model parallelism) use 'torch'."
+            )
+        transport: Transport = MpiTransport(cuda_aware=cuda_aware)
+    else:
+        group = engine.mpu.get_data_parallel_group() if engine.mpu is not None else engine.seq_data_parallel_group
+        transport = TorchDistributedTransport(group, timeout_s)
     optimizer = OPTIMIZER_TYPES[type_name](model_parameters, transport=transport, **params)
 
     if isinstance(optimizer, OneBitAdam):

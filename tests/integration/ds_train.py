@@ -19,7 +19,7 @@ import torch
 import deepspeed_cdadam  # noqa: F401  (registers "CDAdam" and "OneBitAdam")
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--local_rank", type=int, default=0)
+parser.add_argument("--local_rank", type=int, default=None)  # set by the deepspeed launcher
 parser.add_argument("--out", required=True)
 parser.add_argument("--steps", type=int, default=8)
 parser.add_argument("--save-at", type=int, default=0)

@@ -86,12 +86,6 @@ def _init(optimizer: dict, **extra):
             ),
         ),
         (
-            {"type": "CDAdam", "params": {"comm_backend_name": "mpi"}},
-            {},
-            ValueError,
-            "optimizer.params.comm_backend_name='mpi' is not available in this release",
-        ),
-        (
             {"type": "CDAdam", "params": {"comm_backend_name": "tcp"}},
             {},
             ValueError,

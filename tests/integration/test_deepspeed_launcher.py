@@ -93,6 +93,40 @@ def test_cdadam_from_json(tmp_path):
         )
     assert not torch.equal(records[0]["params"][-1], x0)
 
+    # The same run over MPI (mpiexec, comm_backend_name="mpi"): the same bytes, so the same weights.
+    mpiexec = Path(sys.executable).with_name("mpiexec")
+    if mpiexec.exists():
+        mpi_dir = tmp_path / "mpi"
+        mpi_dir.mkdir()
+        config = {
+            "train_micro_batch_size_per_gpu": 8,
+            "gradient_clipping": 0.0,
+            "optimizer": {"type": "CDAdam", "params": {"lr": 0.01, "betas": [0.9, 0.99], "comm_backend_name": "mpi"}},
+        }
+        (mpi_dir / "ds.json").write_text(json.dumps(config))
+        cmd = [
+            str(mpiexec),
+            "-n",
+            "2",
+            sys.executable,
+            "tests/integration/ds_train.py",
+            "--deepspeed_config",
+            str(mpi_dir / "ds.json"),
+            "--out",
+            str(mpi_dir),
+            "--steps",
+            str(STEPS),
+            "--save-at",
+            str(SAVE_AT),
+        ]
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+        for rank in range(2):
+            over_mpi = torch.load(mpi_dir / f"rank{rank}.pt")
+            assert over_mpi["allreduce_calls"] == 0
+            assert all(torch.equal(a, b) for a, b in zip(over_mpi["params"], records[rank]["params"]))
+            assert torch.equal(over_mpi["resumed_params"], records[rank]["params"][-1])
+
     # Resume the 2-rank checkpoint (saved at step SAVE_AT) on 1 rank: documented behaviour is a
     # reset of the compression state on every rank, with moments, step and weights kept.
     saved = torch.load(next((tmp_path / "ckpt").glob("global_step*/cdadam_rank0_of_2.pt")))
