@@ -148,3 +148,15 @@ def test_bf16_with_gradient_accumulation_counts_only_real_steps():
     (state,) = engine.basic_optimizer.state.values()
     assert state["step"] == engine.global_steps == 2
     assert engine.module.weight.dtype == torch.bfloat16 and not torch.equal(engine.module.weight.detach(), w0)
+
+
+def test_gradient_clipping_applies_to_the_gradient_our_optimizer_compresses():
+    engine, _, _, _ = _init({"type": "CDAdam", "params": {"lr": 0.01}}, gradient_clipping=0.5)
+    seen = []
+    original = engine.basic_optimizer.flat_grad
+    engine.basic_optimizer.flat_grad = lambda params: seen.append(original(params).norm().item()) or original(params)
+    loss = 100.0 * engine(torch.ones(2, 4)).sum()
+    engine.backward(loss)
+    raw = torch.cat([p.grad.reshape(-1) for p in engine.module.parameters()]).norm().item()
+    engine.step()
+    assert raw > 1.0 and seen == [pytest.approx(0.5, rel=1e-5)]
