@@ -245,6 +245,21 @@ def register() -> None:
                 optimizer.notify_phase()
         return result
 
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    original_pipeline_init = PipelineEngine.__init__
+
+    def pipeline_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        # PipelineEngine.__init__ sets pipeline_enable_backward_allreduce = True after the base
+        # engine built our optimizer: put the flag back to what the optimizer's phase wants.
+        original_pipeline_init(self, *args, **kwargs)
+        optimizer = _our_optimizer(self)
+        if isinstance(optimizer, OneBitAdam):
+            optimizer.notify_phase()
+        elif optimizer is not None:
+            _set_engine_allreduce(self, False)
+
+    PipelineEngine.__init__ = pipeline_init
     DeepSpeedEngine._configure_basic_optimizer = _configure_basic_optimizer
     DeepSpeedEngine._is_supported_optimizer = _is_supported_optimizer
     DeepSpeedEngine._configure_optimizer = _configure_optimizer
@@ -255,6 +270,7 @@ def register() -> None:
         _PATCH_MARK,
         (original_configure, original_supported, original_configure_wrappers, original_save, original_load),
     )
+    setattr(PipelineEngine, _PATCH_MARK, original_pipeline_init)
 
 
 def unregister() -> None:
@@ -272,3 +288,7 @@ def unregister() -> None:
         DeepSpeedEngine.load_checkpoint,
     ) = originals
     delattr(DeepSpeedEngine, _PATCH_MARK)
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    PipelineEngine.__init__ = getattr(PipelineEngine, _PATCH_MARK)
+    delattr(PipelineEngine, _PATCH_MARK)

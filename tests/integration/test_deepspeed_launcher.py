@@ -31,11 +31,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_checked(cmd: list[str]) -> None:
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, check=False)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+
+
+def write_config(directory: Path, optimizer: dict, **extra) -> Path:
+    config = {"train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.0, "optimizer": optimizer, **extra}
+    directory.mkdir(exist_ok=True)
+    (directory / "ds.json").write_text(json.dumps(config))
+    return directory / "ds.json"
+
+
 def launch(
     tmp_path: Path, optimizer: dict, *script_args: str, world_size: int = 2, save: bool = True, **extra
 ) -> list[dict]:
-    config = {"train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.0, "optimizer": optimizer, **extra}
-    (tmp_path / "ds.json").write_text(json.dumps(config))
+    config = write_config(tmp_path, optimizer, **extra)
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [
         str(launcher),
@@ -45,7 +56,7 @@ def launch(
         str(_free_port()),
         "tests/integration/ds_train.py",
         "--deepspeed_config",
-        str(tmp_path / "ds.json"),
+        str(config),
         "--out",
         str(tmp_path),
         "--steps",
@@ -53,8 +64,7 @@ def launch(
         *(("--save-at", str(SAVE_AT)) if save and "--load-from" not in script_args else ()),
         *script_args,
     ]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, check=False)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    run_checked(cmd)
     prefix = "loaded_rank" if "--load-from" in script_args else "rank"
     return [torch.load(tmp_path / f"{prefix}{r}.pt") for r in range(world_size)]
 
@@ -96,36 +106,52 @@ def test_cdadam_from_json(tmp_path):
     # The same run over MPI (mpiexec, comm_backend_name="mpi"): the same bytes, so the same weights.
     mpiexec = Path(sys.executable).with_name("mpiexec")
     if mpiexec.exists():
-        mpi_dir = tmp_path / "mpi"
-        mpi_dir.mkdir()
-        config = {
-            "train_micro_batch_size_per_gpu": 8,
-            "gradient_clipping": 0.0,
-            "optimizer": {"type": "CDAdam", "params": {"lr": 0.01, "betas": [0.9, 0.99], "comm_backend_name": "mpi"}},
-        }
-        (mpi_dir / "ds.json").write_text(json.dumps(config))
-        cmd = [
-            str(mpiexec),
-            "-n",
-            "2",
-            sys.executable,
-            "tests/integration/ds_train.py",
-            "--deepspeed_config",
-            str(mpi_dir / "ds.json"),
-            "--out",
-            str(mpi_dir),
-            "--steps",
-            str(STEPS),
-            "--save-at",
-            str(SAVE_AT),
-        ]
-        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
-        assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+        mpi_params = {"lr": 0.01, "betas": [0.9, 0.99], "comm_backend_name": "mpi"}
+        config = write_config(tmp_path / "mpi", {"type": "CDAdam", "params": mpi_params})
+        run_checked(
+            [
+                str(mpiexec),
+                "-n",
+                "2",
+                sys.executable,
+                "tests/integration/ds_train.py",
+                "--deepspeed_config",
+                str(config),
+                "--out",
+                str(tmp_path / "mpi"),
+                "--steps",
+                str(STEPS),
+                "--save-at",
+                str(SAVE_AT),
+            ]
+        )
         for rank in range(2):
-            over_mpi = torch.load(mpi_dir / f"rank{rank}.pt")
+            over_mpi = torch.load(tmp_path / "mpi" / f"rank{rank}.pt")
             assert over_mpi["allreduce_calls"] == 0
             assert all(torch.equal(a, b) for a, b in zip(over_mpi["params"], records[rank]["params"]))
             assert torch.equal(over_mpi["resumed_params"], records[rank]["params"][-1])
+
+    # The pipeline engine (1 stage, 2 data-parallel ranks, same layers and batches): its all-reduce
+    # stays off too, and it takes the very same steps.
+    config = write_config(tmp_path / "pipe", {"type": "CDAdam", "params": {"lr": 0.01, "betas": [0.9, 0.99]}})
+    run_checked(
+        [
+            str(Path(sys.executable).with_name("deepspeed")),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "tests/integration/ds_pipe.py",
+            "--deepspeed_config",
+            str(config),
+            "--out",
+            str(tmp_path / "pipe"),
+        ]
+    )
+    for rank in range(2):
+        piped = torch.load(tmp_path / "pipe" / f"pipe{rank}.pt")
+        assert piped["optimizer"] == "CDAdam" and piped["allreduce_calls"] == 0 and not piped["pipeline_allreduce"]
+        assert all(torch.equal(a, b) for a, b in zip(piped["params"], records[rank]["params"][:4]))
 
     # Resume the 2-rank checkpoint (saved at step SAVE_AT) on 1 rank: documented behaviour is a
     # reset of the compression state on every rank, with moments, step and weights kept.
