@@ -26,6 +26,7 @@ parser.add_argument("--save-at", type=int, default=0)
 parser.add_argument("--inf-at", default="", help="RANK:STEP, feed that rank an inf input at that step (fp16 overflow)")
 parser.add_argument("--model", choices=("mlp", "single"), default="mlp", help="single: one weight tensor, 128 params")
 parser.add_argument("--upstream", action="store_true", help="DeepSpeed's own OnebitAdam on a CPU backend")
+parser.add_argument("--mpu", action="store_true", help="pass a model-parallel unit (model parallel size 1)")
 parser.add_argument("--load-from", default="", help="only load this checkpoint (any world size), record, train 2 steps")
 parser = deepspeed.add_config_arguments(parser)
 args = parser.parse_args()
@@ -86,9 +87,40 @@ def train(engine, first: int, last: int, record: dict | None = None) -> None:
             record["opt_state"].append({k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()})
 
 
+class ModelParallelUnit:
+    """A Megatron-style mpu with model-parallel size 1: data parallelism over every rank."""
+
+    def __init__(self) -> None:
+        world = torch.distributed.get_world_size()
+        singles = [torch.distributed.new_group(ranks=[r]) for r in range(world)]  # every rank creates every group
+        self.model_group = singles[rank]
+        self.data_group = torch.distributed.new_group(ranks=list(range(world)))
+
+    def get_data_parallel_group(self):
+        return self.data_group
+
+    def get_data_parallel_rank(self) -> int:
+        return torch.distributed.get_rank(group=self.data_group)
+
+    def get_data_parallel_world_size(self) -> int:
+        return torch.distributed.get_world_size(group=self.data_group)
+
+    def get_model_parallel_group(self):
+        return self.model_group
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+
+MPU = ModelParallelUnit() if args.mpu else None
+
+
 def initialize(seed: int):
     model = make_model(seed)
-    engine, optimizer, _, _ = deepspeed.initialize(args=args, model=model, model_parameters=model.parameters())
+    engine, optimizer, _, _ = deepspeed.initialize(args=args, model=model, model_parameters=model.parameters(), mpu=MPU)
     calls = {"allreduce": 0}
     original = engine.allreduce_gradients
 

@@ -131,6 +131,14 @@ def test_cdadam_from_json(tmp_path):
             assert all(torch.equal(a, b) for a, b in zip(over_mpi["params"], records[rank]["params"]))
             assert torch.equal(over_mpi["resumed_params"], records[rank]["params"][-1])
 
+    # With a model-parallel unit (model parallel size 1): the optimizer takes its data-parallel group.
+    (tmp_path / "mpu").mkdir()
+    with_mpu = launch(tmp_path / "mpu", {"type": "CDAdam", "params": {"lr": 0.01, "betas": [0.9, 0.99]}}, "--mpu")
+    for rank in range(2):
+        assert with_mpu[rank]["allreduce_calls"] == 0
+        assert all(torch.equal(a, b) for a, b in zip(with_mpu[rank]["params"], records[rank]["params"]))
+        assert torch.equal(with_mpu[rank]["resumed_params"], records[rank]["params"][-1])
+
     # The pipeline engine (1 stage, 2 data-parallel ranks, same layers and batches): its all-reduce
     # stays off too, and it takes the very same steps.
     config = write_config(tmp_path / "pipe", {"type": "CDAdam", "params": {"lr": 0.01, "betas": [0.9, 0.99]}})
