@@ -51,6 +51,8 @@ _COMMON_KEYS = (
     "timeout_s",
     "seed",
     "worker_scale_scope",
+    "nonfinite_grads",
+    "consistency_check_every",
 )
 #: JSON ``optimizer.params`` keys each type accepts.
 ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
@@ -124,6 +126,7 @@ def build_optimizer(engine: Any, type_name: str, model_parameters: Any) -> Compr
         group = engine.mpu.get_data_parallel_group() if engine.mpu is not None else engine.seq_data_parallel_group
         transport = TorchDistributedTransport(group, timeout_s)
     optimizer = OPTIMIZER_TYPES[type_name](model_parameters, transport=transport, **params)
+    optimizer.param_names = {id(p): name for name, p in engine.module.named_parameters()}
 
     if isinstance(optimizer, OneBitAdam):
         optimizer.warmup_grads_are_averaged = True  # the engine all-reduces during the warm-up

@@ -9,6 +9,7 @@ each parameter's slice. The group's state (moments and compression state, all fl
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import abstractmethod
 from typing import Any
@@ -21,7 +22,13 @@ from ..comm.transport import DEFAULT_TIMEOUT_S, TorchDistributedTransport, Trans
 from ..compressors.base import Compressor
 from ..compressors.registry import get_compressor
 from ..exchange import EXCHANGE_NAMES, Exchange, check_worker_scale_scope, make_exchange
-from ..types import DOWN_MARKOV_STATE, EXP_AVG, PER_RANK_KEYS, STEP
+from ..types import DOWN_MARKOV_STATE, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, PER_RANK_KEYS, STEP
+from .safety import NONFINITE_POLICIES, check_ranks_agree, ranks_with_nonfinite
+
+logger = logging.getLogger(__name__)
+
+#: State that must be bit-identical on every rank.
+RANK_IDENTICAL_KEYS = (EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, DOWN_MARKOV_STATE)
 
 
 def _is_number(v: object) -> bool:
@@ -63,7 +70,19 @@ class CompressedOptimizer(torch.optim.Optimizer):
         timeout_s: float,
         seed: int,
         worker_scale_scope: str = "block",
+        nonfinite_grads: str = "error",
+        consistency_check_every: int = 0,
     ) -> None:
+        if nonfinite_grads not in NONFINITE_POLICIES:
+            raise ValueError(f"Invalid nonfinite_grads={nonfinite_grads!r}. Allowed: {', '.join(NONFINITE_POLICIES)}.")
+        if (
+            not isinstance(consistency_check_every, int)
+            or isinstance(consistency_check_every, bool)
+            or (consistency_check_every < 0)
+        ):
+            raise ValueError(
+                f"Invalid consistency_check_every={consistency_check_every!r}. Must be an int >= 0 (0: never)."
+            )
         if exchange not in EXCHANGE_NAMES:
             raise ValueError(f"Unknown exchange={exchange!r}. Allowed: {', '.join(EXCHANGE_NAMES)}.")
         super().__init__(params, defaults)
@@ -84,6 +103,12 @@ class CompressedOptimizer(torch.optim.Optimizer):
         # step() once with zero gradients to create optimizer state; that call must not count as a
         # step (it would shift step counts and freeze_step, apply weight decay and move rand-k seeds).
         self.ignore_steps = False
+        self.nonfinite_grads = nonfinite_grads
+        self.consistency_check_every = consistency_check_every
+        self.skipped_steps = 0  # steps skipped on every rank for a non-finite gradient
+        self.steps_taken = 0
+        # id(param) -> name, for error messages (the DeepSpeed integration fills it from the model)
+        self.param_names: dict[int, str] = {}
         self.comm_stats = CommStats()
         for group in self.param_groups:
             self._check_group(group)
@@ -160,19 +185,66 @@ class CompressedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for index, group in enumerate(self.param_groups):
-            params = self.trainable(group)
-            if not params:
-                continue
+        groups = [(i, g, self.trainable(g)) for i, g in enumerate(self.param_groups)]
+        groups = [(i, g, ps) for i, g, ps in groups if ps]
+        grads = [self.flat_grad(ps) for _, _, ps in groups]
+        if not self._gradients_usable(groups, grads):
+            return loss
+        for (index, group, params), grad in zip(groups, grads):
             state = self.group_state(group)
-            grad = self.flat_grad(params)
             if not state:
                 state[STEP] = 0
                 zeros = torch.zeros(grad.numel(), dtype=grad.dtype, device=grad.device)
                 self.init_group_state(index, group, state, zeros)
             state[STEP] += 1
             self.group_step(index, group, params, state, grad)
+        self.steps_taken += 1
+        if self.consistency_check_every and self.steps_taken % self.consistency_check_every == 0:
+            self.check_ranks_agree()
         return loss
+
+    # --- safety -------------------------------------------------------------------------
+    def param_name(self, group_index: int, param_index: int, p: torch.Tensor) -> str:
+        name = self.param_names.get(id(p))
+        return repr(name) if name else f"param_groups[{group_index}]['params'][{param_index}] (shape {tuple(p.shape)})"
+
+    def _gradients_usable(self, groups: list, grads: list[torch.Tensor]) -> bool:
+        """False (on every rank alike) to skip this step; raises (on every rank alike) for policy 'error'."""
+        bad_ranks = ranks_with_nonfinite(self.transport, grads)
+        if not bad_ranks:
+            return True
+        if self.nonfinite_grads == "skip":
+            self.skipped_steps += 1
+            logger.warning("Non-finite gradient on rank(s) %s: step skipped on every rank.", bad_ranks)
+            return False
+        where = ""
+        for index, group, params in groups:
+            for pi, p in enumerate(params):
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    where = f" (on this rank first in {self.param_name(index, pi, p)})"
+                    break
+            if where:
+                break
+        raise FloatingPointError(
+            f"Non-finite gradient (NaN or inf) on rank(s) {bad_ranks}{where}. No parameter or optimizer state was "
+            f"changed on any rank. Use fp16 loss scaling, lower the lr, or set nonfinite_grads='skip' to skip such "
+            "steps on every rank."
+        )
+
+    def check_ranks_agree(self) -> None:
+        """Raise on every rank if parameters or rank-identical state differ between ranks."""
+        named: list[tuple[str, torch.Tensor]] = []
+        for gi, group in enumerate(self.param_groups):
+            params = self.trainable(group)
+            named += [(self.param_name(gi, pi, p), p) for pi, p in enumerate(params)]
+            state = self.group_state(group) if params else {}
+            named += [
+                (f"optimizer state {key!r} of param_groups[{gi}]", state[key])
+                for key in RANK_IDENTICAL_KEYS
+                if key in state
+            ]
+        step = max((self.group_state(g).get(STEP, 0) for g in self.param_groups if self.trainable(g)), default=0)
+        check_ranks_agree(self.transport, named, step)
 
     def reset_compression_state(self) -> None:
         """Restart every group's compression state (Markov states, error buffers) from zero, on this rank.

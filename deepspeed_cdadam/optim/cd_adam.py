@@ -56,6 +56,11 @@ class CDAdam(CompressedOptimizer):
         worker_scale_scope: "block" (each block of each shard its own scale) or "tensor" (one
             scale for the worker's whole flat buffer, sent with every shard: upstream OnebitAdam's
             worker side). The server side always scales per block.
+        nonfinite_grads: "error" (default): a NaN/inf gradient on any rank raises
+            ``FloatingPointError`` on every rank before any state changes; "skip": every rank skips
+            the step (``skipped_steps`` counts them). Either costs one tiny all-reduce per step.
+        consistency_check_every: every N steps, check that parameters and rank-identical state are
+            bit-identical on all ranks (raises naming the first differing tensor); 0 = never.
     """
 
     def __init__(
@@ -75,6 +80,8 @@ class CDAdam(CompressedOptimizer):
         timeout_s: float = 300.0,
         seed: int = 0,
         worker_scale_scope: str = "block",
+        nonfinite_grads: str = "error",
+        consistency_check_every: int = 0,
     ) -> None:
         validate_adam_hparams(lr, betas, eps, weight_decay)
         if not isinstance(amsgrad, bool):
@@ -91,6 +98,8 @@ class CDAdam(CompressedOptimizer):
             timeout_s=timeout_s,
             seed=seed,
             worker_scale_scope=worker_scale_scope,
+            nonfinite_grads=nonfinite_grads,
+            consistency_check_every=consistency_check_every,
         )
 
     def init_group_state(self, index: int, group: dict[str, Any], state: dict[str, Any], zeros: torch.Tensor) -> None:

@@ -67,6 +67,8 @@ class OneBitAdam(CompressedOptimizer):
         timeout_s: float = 300.0,
         seed: int = 0,
         worker_scale_scope: str = "block",
+        nonfinite_grads: str = "error",
+        consistency_check_every: int = 0,
     ) -> None:
         validate_adam_hparams(lr, betas, eps, weight_decay)
         if not isinstance(freeze_step, int) or isinstance(freeze_step, bool) or freeze_step < 0:
@@ -83,6 +85,8 @@ class OneBitAdam(CompressedOptimizer):
             timeout_s=timeout_s,
             seed=seed,
             worker_scale_scope=worker_scale_scope,
+            nonfinite_grads=nonfinite_grads,
+            consistency_check_every=consistency_check_every,
         )
         self.freeze_step = freeze_step
         # Set by the DeepSpeed integration: during the warm-up the engine has already averaged the

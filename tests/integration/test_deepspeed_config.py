@@ -48,8 +48,8 @@ def _init(optimizer: dict, **extra):
             ValueError,
             (
                 "Unknown key optimizer.params.betaz for optimizer type 'cdadam'. Allowed: lr, betas, eps, weight_decay, "
-                "compressor, block_size, comm_backend_name, cuda_aware, timeout_s, seed, worker_scale_scope, amsgrad, "
-                "exchange. Did you mean 'betas'?"
+                "compressor, block_size, comm_backend_name, cuda_aware, timeout_s, seed, worker_scale_scope, "
+                "nonfinite_grads, consistency_check_every, amsgrad, exchange. Did you mean 'betas'?"
             ),
         ),
         (
@@ -160,3 +160,11 @@ def test_gradient_clipping_applies_to_the_gradient_our_optimizer_compresses():
     raw = torch.cat([p.grad.reshape(-1) for p in engine.module.parameters()]).norm().item()
     engine.step()
     assert raw > 1.0 and seen == [pytest.approx(0.5, rel=1e-5)]
+
+
+def test_nan_loss_without_fp16_is_a_clear_error_naming_the_parameter():
+    engine, _, _, _ = _init({"type": "CDAdam", "params": {"lr": 0.01}})
+    loss = engine(torch.full((2, 4), float("nan"))).sum()
+    engine.backward(loss)
+    with pytest.raises(FloatingPointError, match=re.escape("on rank(s) [0] (on this rank first in 'weight')")):
+        engine.step()

@@ -1,0 +1,53 @@
+"""Checks that keep every rank's training identical and finite, each agreed on by all ranks.
+
+* ``ranks_with_nonfinite``: which ranks hold a NaN/inf gradient this step (one small all-reduce),
+  so that every rank raises, or every rank skips, alike: no rank is left waiting in a collective.
+* ``check_ranks_agree``: exact fingerprints of parameters and rank-identical optimizer state,
+  all-gathered and compared with rank 0's; the first differing tensor is named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..comm.transport import Transport
+
+NONFINITE_POLICIES = ("error", "skip")
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def ranks_with_nonfinite(transport: Transport, grads: Sequence[torch.Tensor]) -> list[int]:
+    """Ranks whose gradients contain NaN or inf (the same list on every rank)."""
+    flags = torch.zeros(transport.world_size, dtype=torch.float32)
+    if not all(bool(torch.isfinite(g).all()) for g in grads):
+        flags[transport.rank] = 1.0
+    transport.all_reduce_sum(flags)
+    return [r for r in range(transport.world_size) if flags[r] > 0]
+
+
+def fingerprint(t: torch.Tensor) -> torch.Tensor:
+    """Two int64 sums of ``t``'s exact bit patterns (plain and position-weighted): any change of any
+    bit of any element changes them, barring a collision."""
+    flat = t.detach().reshape(-1).contiguous().cpu()
+    bits = flat.view(_INT_OF_SIZE[flat.element_size()]).to(torch.int64)
+    weights = torch.arange(1, bits.numel() + 1, dtype=torch.int64)
+    return torch.stack([bits.sum(), (bits * weights).sum()])
+
+
+def check_ranks_agree(transport: Transport, named: Sequence[tuple[str, torch.Tensor]], step: int) -> None:
+    """Raise ``RuntimeError`` on every rank if any named tensor differs between ranks."""
+    if not named:
+        return
+    mine = torch.stack([fingerprint(t) for _, t in named])  # [k, 2]
+    everyone = transport.all_gather(mine.reshape(-1)).view(transport.world_size, len(named), 2)
+    differs = (everyone != everyone[0]).any(dim=2)  # [ranks, k]
+    if bool(differs.any()):
+        first = int(differs.any(dim=0).nonzero()[0])
+        ranks = [r for r in range(transport.world_size) if bool(differs[r, first])]
+        raise RuntimeError(
+            f"Ranks diverged by step {step}: {named[first][0]} differs from rank 0's on rank(s) {ranks}. "
+            "Training state is no longer identical across ranks; stop and resume from the last checkpoint."
+        )
