@@ -9,7 +9,7 @@ DS_LATEST ?= 0.19.8
 LATEST_VENV ?= .venv-ds-latest
 LATEST_STAMP := $(LATEST_VENV)/.installed
 
-.PHONY: install demo test test-deepspeed-latest clean
+.PHONY: install demo test test-deepspeed-latest soak clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: $(STAMP)
 # DeepSpeed JIT-builds small ops; each venv keeps its own (0.19.6 and 0.19.8 builds are incompatible).
 test: $(STAMP)
 	TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(BIN)/python -m pytest -q -m "not slow and not gpu"
+
+# Long robustness runs (minutes to an hour), not part of `make test`.
+soak: $(STAMP)
+	TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(BIN)/python -m pytest -q -m slow
 
 $(LATEST_STAMP): requirements.txt pyproject.toml
 	$(PY) -m venv $(LATEST_VENV)

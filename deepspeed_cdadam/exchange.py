@@ -134,6 +134,11 @@ class CompressedExchange(Exchange):
     ) -> None:
         super().__init__(transport, layout, stats)
         check_worker_scale_scope(worker_scale_scope, compressor)
+        if compressor.max_numel is not None and layout.capacity > compressor.max_numel:
+            raise ValueError(
+                f"A server shard of {layout.capacity} coordinates is too long for compressor {compressor.name!r} "
+                f"(at most {compressor.max_numel}): split the parameters into more groups or use more ranks."
+            )
         self.compressor = compressor
         self.seed = seed
         self.worker_scale_scope = worker_scale_scope

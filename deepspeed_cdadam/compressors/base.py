@@ -38,6 +38,8 @@ class Compressor(ABC):
     """``C``: a (possibly biased, contractive) compression operator."""
 
     name: str = "compressor"
+    #: Longest vector (one shard) the wire format can describe, or None for no limit.
+    max_numel: int | None = None
 
     @abstractmethod
     def compress(self, x: torch.Tensor, block_sizes: Sequence[int], *, seed: int = 0) -> Compressed:

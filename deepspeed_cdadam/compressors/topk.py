@@ -25,6 +25,8 @@ _INDEX_DTYPE = torch.int32
 
 
 class _Sparsifier(Compressor):
+    max_numel = 2**31 - 1  # indices travel as int32
+
     def __init__(self, ratio: float) -> None:
         if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 < ratio <= 1.0:
             raise ValueError(f"Invalid {type(self).__name__} ratio={ratio!r}. Must be a number in (0.0, 1.0].")

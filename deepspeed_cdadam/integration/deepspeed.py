@@ -11,30 +11,25 @@ What the engine does differently with our optimizers:
   the first step for CD-Adam; after ``freeze_step`` for 1-bit Adam (during the warm-up the
   engine averages the gradients and our 1-bit Adam uses them as they are, as upstream does).
 * ZeRO (any stage >= 1) is refused at initialize: the optimizer needs whole gradients.
-* Checkpoints: ``engine.save_checkpoint`` writes, besides DeepSpeed's files, one file per rank
-  ``cdadam_rank{r}_of_{n}.pt`` with that rank's compression state (Markov states, server shard,
-  error buffers); ``load_checkpoint`` restores it, so a resumed run continues bit-identically.
-  Loading on another world size (or without those files) resets the compression state on every
-  rank alike (as upstream OnebitAdam always does), with a warning; moments and step are kept.
+* Checkpoints: ``engine.save_checkpoint`` writes, before DeepSpeed's files, one file per rank
+  with that rank's compression state, and ``load_checkpoint`` restores it (``checkpoint.py`` says
+  what happens with missing, corrupted or mismatched files).
 """
 
 from __future__ import annotations
 
 import difflib
-import logging
 import os
 from typing import Any
 
 import torch
 
+from ..checkpoint import load_rank_state, save_rank_state
 from ..comm.mpi import MpiTransport
 from ..comm.transport import TorchDistributedTransport, Transport
 from ..optim.base import CompressedOptimizer
 from ..optim.cd_adam import CDAdam
 from ..optim.onebit_adam import OneBitAdam
-from ..types import PER_RANK_KEYS
-
-logger = logging.getLogger(__name__)
 
 #: DeepSpeed ``optimizer.type`` (case-insensitive) -> our class.
 OPTIMIZER_TYPES: dict[str, type[CompressedOptimizer]] = {"cdadam": CDAdam, "onebitadam": OneBitAdam}
@@ -148,54 +143,6 @@ def _our_optimizer(engine: Any) -> CompressedOptimizer | None:
     return basic if isinstance(basic, CompressedOptimizer) else None
 
 
-def _rank_file(directory: str, rank: int, world_size: int) -> str:
-    return os.path.join(directory, f"cdadam_rank{rank}_of_{world_size}.pt")
-
-
-def _checkpoint_dir(save_dir: str, tag: str) -> str:
-    return os.path.join(save_dir, str(tag))
-
-
-def save_rank_state(optimizer: CompressedOptimizer, directory: str) -> str:
-    """Write this rank's per-rank compression state; returns the file name."""
-    tr = optimizer.transport
-    per_rank = [
-        {k: v.clone() for k, v in optimizer.group_state(g).items() if k in PER_RANK_KEYS}
-        for g in optimizer.param_groups
-    ]
-    path = _rank_file(directory, tr.rank, tr.world_size)
-    tmp = path + ".tmp"
-    torch.save({"world_size": tr.world_size, "rank": tr.rank, "groups": per_rank}, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated file under the real name
-    return path
-
-
-def load_rank_state(optimizer: CompressedOptimizer, directory: str) -> bool:
-    """Restore this rank's compression state from ``directory``; reset it when unavailable.
-
-    Returns True when restored. The decision is agreed on by all ranks (all restore or all reset).
-    """
-    tr = optimizer.transport
-    path = _rank_file(directory, tr.rank, tr.world_size)
-    have = torch.tensor([1.0 if os.path.exists(path) else 0.0])
-    tr.all_reduce_sum(have)
-    if int(have.item()) == tr.world_size:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        for group, per_rank in zip(optimizer.param_groups, saved["groups"]):
-            state = optimizer.group_state(group)
-            for key, value in per_rank.items():
-                state[key] = value.to(device=state[key].device if key in state else value.device)
-        return True
-    logger.warning(
-        "No per-rank compression state for world_size=%d in %s: resetting the compression state "
-        "(Markov states / error buffers) on every rank; moments and step counts are kept.",
-        tr.world_size,
-        directory,
-    )
-    optimizer.reset_compression_state()
-    return False
-
-
 def register() -> None:
     """Make DeepSpeed build ``CDAdam`` / ``OneBitAdam`` from JSON configs. Idempotent."""
     from deepspeed.runtime.engine import DeepSpeedEngine
@@ -231,12 +178,13 @@ def register() -> None:
     def save_checkpoint(self: Any, save_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:
         if tag is None:
             tag = f"global_step{self.global_steps}"
-        result = original_save(self, save_dir, tag, *args, **kwargs)
         optimizer = _our_optimizer(self)
         if optimizer is not None:
-            save_rank_state(optimizer, _checkpoint_dir(save_dir, tag))
-            optimizer.transport.all_reduce_sum(torch.zeros(1))  # every rank's file is written before we return
-        return result
+            # Our files first: DeepSpeed writes 'latest' last, so a crash anywhere before it leaves
+            # the previous checkpoint the one that loads.
+            save_rank_state(optimizer, os.path.join(save_dir, str(tag)))
+            optimizer.transport.all_reduce_sum(torch.zeros(1))  # every rank's file is on disk
+        return original_save(self, save_dir, tag, *args, **kwargs)
 
     def load_checkpoint(self: Any, load_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:
         result = original_load(self, load_dir, tag, *args, **kwargs)

@@ -168,3 +168,41 @@ def test_nan_loss_without_fp16_is_a_clear_error_naming_the_parameter():
     engine.backward(loss)
     with pytest.raises(FloatingPointError, match=re.escape("on rank(s) [0] (on this rank first in 'weight')")):
         engine.step()
+
+
+def _steps(engine, n):
+    for _ in range(n):
+        engine.backward(engine(torch.ones(2, 4)).sum())
+        engine.step()
+
+
+def test_crash_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    import deepspeed_cdadam.checkpoint as ckpt
+
+    engine, _, _, _ = _init({"type": "CDAdam", "params": {"lr": 0.01}})
+    _steps(engine, 2)
+    engine.save_checkpoint(str(tmp_path))
+    _steps(engine, 1)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        engine.save_checkpoint(str(tmp_path))
+    monkeypatch.undo()
+    assert (tmp_path / "latest").read_text().strip() == "global_step2"
+    fresh, _, _, _ = _init({"type": "CDAdam", "params": {"lr": 0.01}})
+    path, _ = fresh.load_checkpoint(str(tmp_path))
+    assert path is not None and "global_step2" in path
+    (state,) = fresh.basic_optimizer.state.values()
+    assert state["step"] == 2
+
+
+def test_checkpoint_of_another_optimizer_is_a_clear_error(tmp_path):
+    engine, _, _, _ = _init({"type": "Adam", "params": {"lr": 0.01, "torch_adam": True}})
+    _steps(engine, 1)
+    engine.save_checkpoint(str(tmp_path))
+    fresh, _, _, _ = _init({"type": "CDAdam", "params": {"lr": 0.01}})
+    with pytest.raises(ValueError, match="was not written by CDAdam"):
+        fresh.load_checkpoint(str(tmp_path))

@@ -89,3 +89,21 @@ def test_upstream_group_keys_not_silently_ignored(key):
         ValueError, match=re.escape(f"Parameter-group key {key!r} (upstream OnebitAdam) is not supported")
     ):
         CDAdam([{"params": [_p()], key: True}], transport=_tr())
+
+
+def test_shard_too_long_for_int32_indices_is_a_clear_error():
+    from deepspeed_cdadam.comm import ShardLayout
+    from deepspeed_cdadam.compressors import get_compressor
+    from deepspeed_cdadam.exchange import make_exchange
+
+    layout = ShardLayout(2**31 + 10, 1)  # nothing is allocated
+    with pytest.raises(
+        ValueError, match=re.escape("A server shard of 2147483658 coordinates is too long for compressor 'topk'")
+    ):
+        make_exchange("markov", _tr(), layout, get_compressor("topk"))
+    make_exchange("markov", _tr(), layout, get_compressor("scaled_sign"))  # sign payloads have no such limit
+
+
+def test_empty_parameter_list_is_rejected():
+    with pytest.raises(ValueError, match="optimizer got an empty parameter list"):
+        CDAdam([], transport=_tr())

@@ -1,0 +1,76 @@
+"""Per-rank compression state files: restore, reset, and every way a file can be wrong."""
+
+import re
+
+import pytest
+import torch
+
+from deepspeed_cdadam import CDAdam, InProcessWorld, OneBitAdam
+from deepspeed_cdadam.checkpoint import CheckpointMismatchError, load_rank_state, rank_state_path, save_rank_state
+
+
+def _trained(opt_cls, rank, transport, numel=10, steps=3):
+    p = torch.nn.Parameter(torch.linspace(-1, 1, numel, dtype=torch.float64))
+    opt = opt_cls([p], lr=1e-2, transport=transport, **({"freeze_step": 1} if opt_cls is OneBitAdam else {}))
+    for t in range(steps):
+        p.grad = torch.randn(numel, generator=torch.Generator().manual_seed(10 * t + rank), dtype=torch.float64)
+        opt.step()
+    return opt
+
+
+def test_round_trip_restores_each_ranks_own_state(tmp_path):
+    def worker(rank, tr):
+        save_rank_state(_trained(CDAdam, rank, tr), str(tmp_path))
+        fresh = _trained(CDAdam, rank, tr, steps=1)
+        assert load_rank_state(fresh, str(tmp_path))
+        return fresh.state[fresh.param_groups[0]["params"][0]]["markov_state"]
+
+    states = InProcessWorld(2).run(worker)
+    assert not torch.equal(states[0], states[1])  # per rank, not rank 0's copied everywhere
+
+
+def _load_all(tmp_path, opt_cls, numel=10):
+    return InProcessWorld(2).run(lambda r, tr: load_rank_state(_trained(opt_cls, r, tr, numel=numel), str(tmp_path)))
+
+
+def _save_all(tmp_path, opt_cls=CDAdam):
+    InProcessWorld(2).run(lambda r, tr: save_rank_state(_trained(opt_cls, r, tr), str(tmp_path)))
+
+
+def test_missing_files_reset_on_every_rank(tmp_path, caplog):
+    assert _load_all(tmp_path, CDAdam) == [False, False]
+    assert "resetting the compression state" in caplog.text
+
+
+def test_truncated_file_is_an_error_on_every_rank(tmp_path):
+    _save_all(tmp_path)
+    path = rank_state_path(str(tmp_path), 1, 2)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(CheckpointMismatchError, match=re.escape("problems on rank(s) [1]")):
+        _load_all(tmp_path, CDAdam)
+
+
+def test_other_optimizer_type_is_an_error(tmp_path):
+    _save_all(tmp_path, OneBitAdam)
+    with pytest.raises(CheckpointMismatchError, match="was written by OneBitAdam, not CDAdam"):
+        InProcessWorld(2).run(lambda r, tr: load_rank_state(_trained(CDAdam, r, tr), str(tmp_path)))
+
+
+def test_other_parameter_layout_is_an_error(tmp_path):
+    _save_all(tmp_path)
+    with pytest.raises(
+        CheckpointMismatchError, match=re.escape("holds parameter groups of sizes [10], the model has [12]")
+    ):
+        _load_all(tmp_path, CDAdam, numel=12)
+
+
+def test_state_from_another_optimizer_is_an_error():
+    p = torch.nn.Parameter(torch.zeros(3, 4))
+    adam = torch.optim.Adam([p])
+    p.grad = torch.ones(3, 4)
+    adam.step()
+    opt = CDAdam([p], transport=InProcessWorld(1).transports[0])
+    opt.load_state_dict(adam.state_dict())
+    with pytest.raises(CheckpointMismatchError, match="was not written by CDAdam"):
+        load_rank_state(opt, "/nonexistent")
