@@ -18,7 +18,7 @@ import torch
 
 from ..comm.accounting import CommStats
 from ..comm.layout import ShardLayout
-from ..comm.transport import DEFAULT_TIMEOUT_S, TorchDistributedTransport, Transport
+from ..comm.transport import TorchDistributedTransport, Transport
 from ..compressors.base import Compressor
 from ..compressors.registry import get_compressor
 from ..exchange import EXCHANGE_NAMES, Exchange, check_worker_scale_scope, make_exchange
@@ -83,6 +83,8 @@ class CompressedOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"Invalid consistency_check_every={consistency_check_every!r}. Must be an int >= 0 (0: never)."
             )
+        if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or not timeout_s > 0:
+            raise ValueError(f"Invalid timeout_s={timeout_s!r}. Must be a number > 0 (seconds).")
         if exchange not in EXCHANGE_NAMES:
             raise ValueError(f"Unknown exchange={exchange!r}. Allowed: {', '.join(EXCHANGE_NAMES)}.")
         super().__init__(params, defaults)
@@ -97,7 +99,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
         self.seed = seed
         self._transport = transport
         self._process_group = process_group
-        self._timeout_s = timeout_s if timeout_s is not None else DEFAULT_TIMEOUT_S
+        self._timeout_s = float(timeout_s)
         self._exchanges: dict[tuple[int, str], Exchange] = {}
         # True while a framework builds its wrappers around us: DeepSpeed's fp16/bf16 wrapper calls
         # step() once with zero gradients to create optimizer state; that call must not count as a

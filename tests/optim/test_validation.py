@@ -28,6 +28,10 @@ def _tr(n=1):
         ({"exchange": "markow"}, "Unknown exchange='markow'. Allowed: markov, error_feedback, naive, none."),
         ({"compressor": "sign"}, "Unknown compressor='sign'. Allowed: scaled_sign, sign_l2, topk, randk."),
         ({"block_size": 0}, "Invalid block_size=0. Must be None (one block per shard) or an int >= 1."),
+        ({"timeout_s": 0}, "Invalid timeout_s=0. Must be a number > 0 (seconds)."),
+        ({"nonfinite_grads": "ignore"}, "Invalid nonfinite_grads='ignore'. Allowed: error, skip."),
+        ({"consistency_check_every": -5}, "Invalid consistency_check_every=-5. Must be an int >= 0 (0: never)."),
+        ({"worker_scale_scope": "global"}, "Invalid worker_scale_scope='global'. Allowed: block, tensor."),
     ],
 )
 def test_cd_adam_rejects(kwargs, message):
