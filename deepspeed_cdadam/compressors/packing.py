@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import torch
 
-_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Multiplying 8 little-endian 0/1 bytes (one int64) by this constant gathers byte i's bit into bit
+# 56 + i of the product (no carries: every partial product lands on a distinct bit), so
+# ``(word * _GATHER) >> 56`` is the packed byte, LSB first. One multiply per 8 signs.
+_GATHER = 0x0102040810204080
 
 
 def packed_nbytes(numel: int) -> int:
     """Bytes needed to hold ``numel`` sign bits."""
     return (numel + 7) // 8
-
-
-def _weights(device: torch.device) -> torch.Tensor:
-    return torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=device)
 
 
 def pack_signs(x: torch.Tensor) -> torch.Tensor:
@@ -30,15 +29,26 @@ def pack_signs(x: torch.Tensor) -> torch.Tensor:
     pad = (-nonneg.numel()) % 8
     if pad:
         nonneg = torch.cat([nonneg, nonneg.new_zeros(pad)])
-    bits = nonneg.view(-1, 8).to(torch.uint8)
-    return (bits * _weights(x.device)).sum(dim=1, dtype=torch.uint8)
+    words = nonneg.contiguous().view(torch.uint8).view(torch.int64)  # 8 signs (0/1 bytes) per word
+    return torch.bitwise_right_shift(words * _GATHER, 56).to(torch.uint8)
 
 
-def unpack_signs(packed: torch.Tensor, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of ``pack_signs``: a 1-D tensor of ``numel`` values in {-1, +1} of ``dtype``."""
+def sign_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[256, 8]``: row ``b`` holds the 8 signs (+1/-1) that byte ``b`` encodes, LSB first."""
+    bits = torch.bitwise_right_shift(torch.arange(256, device=device).unsqueeze(1), torch.arange(8, device=device)) & 1
+    return (bits * 2 - 1).to(dtype)
+
+
+def unpack_signs(
+    packed: torch.Tensor, numel: int, dtype: torch.dtype = torch.float32, table: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Inverse of ``pack_signs``: ``numel`` values in {-1, +1} of ``dtype`` (one table lookup per byte).
+
+    ``table`` replaces ``sign_table``: pass ``scale * sign_table(...)`` to get ``scale * sign`` directly.
+    """
     if packed.dtype != torch.uint8 or packed.dim() != 1:
         raise ValueError(f"unpack_signs expects a 1-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}.")
     if packed.numel() * 8 < numel:
         raise ValueError(f"{packed.numel()} bytes hold at most {packed.numel() * 8} signs, asked for {numel}.")
-    bits = torch.bitwise_and(packed.unsqueeze(1), _weights(packed.device)).ne(0).view(-1)[:numel]
-    return bits.to(dtype).mul_(2).sub_(1)
+    lut = sign_table(dtype, packed.device) if table is None else table
+    return lut.index_select(0, packed[: packed_nbytes(numel)].long()).view(-1)[:numel]

@@ -19,7 +19,7 @@ import torch
 
 from ..types import Compressed
 from .base import Compressor, as_bytes, check_blocks, from_bytes, itemsize
-from .packing import pack_signs, packed_nbytes, unpack_signs
+from .packing import pack_signs, packed_nbytes, sign_table, unpack_signs
 
 
 def sign_plus(x: torch.Tensor) -> torch.Tensor:
@@ -44,6 +44,8 @@ def _expand(scale: torch.Tensor, blocks: tuple[int, ...]) -> torch.Tensor:
 def l1_block_scales(x: torch.Tensor, block_sizes: Sequence[int]) -> torch.Tensor:
     """``||x_B||_1 / d_B`` per block."""
     blocks = check_blocks(x, block_sizes)
+    if len(blocks) == 1:
+        return torch.linalg.vector_norm(x, 1).reshape(1) / max(blocks[0], 1)
     d = torch.tensor(blocks, dtype=x.dtype, device=x.device).clamp_min(1)
     return _block_sums(x.abs(), blocks) / d
 
@@ -91,8 +93,10 @@ class ScaledSign(Compressor):
         return Compressed(pack_signs(x), scales, x.numel(), blocks)
 
     def decompress(self, c: Compressed, *, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-        signs = unpack_signs(c.payload, c.numel, dtype)
-        return _expand(c.scale.to(dtype), c.block_sizes) * signs
+        if len(c.block_sizes) == 1:  # one lookup of (scale * sign) per byte: no separate multiply pass
+            table = sign_table(dtype, c.payload.device) * c.scale.to(dtype)
+            return unpack_signs(c.payload, c.numel, dtype, table=table)
+        return _expand(c.scale.to(dtype), c.block_sizes) * unpack_signs(c.payload, c.numel, dtype)
 
     def wire_nbytes(self, capacity: int, num_blocks: int, dtype: torch.dtype) -> int:
         return packed_nbytes(capacity) + num_blocks * itemsize(dtype)
