@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -57,7 +58,7 @@ def _rank(rank: int, world: int, init: str, sizes: list[int], repeats: int, out:
     for numel in sizes:
         x = torch.randn(numel, generator=torch.Generator().manual_seed(rank))
         layout = ShardLayout(numel, world)
-        seconds = {METHODS[0]: _time(lambda: dist.all_reduce(x.clone()), repeats)}
+        seconds = {METHODS[0]: _time(lambda x=x: dist.all_reduce(x.clone()), repeats)}
         sent = {METHODS[0]: all_reduce_bytes_sent(4 * numel, world)}
         for method, scheme, comp in ((METHODS[1], "error_feedback", "sign_l2"), (METHODS[2], "markov", "scaled_sign")):
             stats = CommStats()
@@ -66,7 +67,7 @@ def _rank(rank: int, world: int, init: str, sizes: list[int], repeats: int, out:
             ex.init_state(state, torch.zeros(numel))
             steps = [0]
 
-            def step(ex=ex, state=state, steps=steps):
+            def step(ex=ex, state=state, steps=steps, x=x):
                 steps[0] += 1
                 ex.exchange(x, state, step=steps[0])
 
@@ -82,7 +83,6 @@ def _rank(rank: int, world: int, init: str, sizes: list[int], repeats: int, out:
                     "bytes_sent_per_rank": sent[method],
                 }
             )
-        del x
     if rank == 0:
         torch.save(rows, out)
     dist.barrier()
@@ -95,9 +95,14 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7, 1e8])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes]
     rows = []
     for world in args.world_sizes:
+        # about 12 fp32 buffers of the full size live per rank (inputs, states, temporaries)
+        budget = psutil.virtual_memory().available * 0.8
+        sizes = [int(s) for s in args.sizes if world * 12 * 4 * s <= budget]
+        skipped = [f"{int(s):,}" for s in args.sizes if world * 12 * 4 * s > budget]
+        if skipped:
+            print(f"{world} ranks: skipping {', '.join(skipped)} parameters (not enough memory on this machine)")
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "rows.pt")
             mp.spawn(_rank, args=(world, os.path.join(tmp, "init"), sizes, args.repeats, out), nprocs=world)

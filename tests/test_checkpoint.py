@@ -1,6 +1,7 @@
 """Per-rank compression state files: restore, reset, and every way a file can be wrong."""
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,9 +45,8 @@ def test_missing_files_reset_on_every_rank(tmp_path, caplog):
 
 def test_truncated_file_is_an_error_on_every_rank(tmp_path):
     _save_all(tmp_path)
-    path = rank_state_path(str(tmp_path), 1, 2)
-    data = open(path, "rb").read()
-    open(path, "wb").write(data[: len(data) // 2])
+    path = Path(rank_state_path(str(tmp_path), 1, 2))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointMismatchError, match=re.escape("problems on rank(s) [1]")):
         _load_all(tmp_path, CDAdam)
 

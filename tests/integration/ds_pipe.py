@@ -10,6 +10,7 @@ import argparse
 import deepspeed
 import torch
 from deepspeed.pipe import PipelineModule
+from ds_common import count_allreduce_calls
 
 import deepspeed_cdadam  # noqa: F401
 
@@ -26,16 +27,7 @@ layers = [torch.nn.Linear(13, 17), torch.nn.Tanh(), torch.nn.Linear(17, 5)]
 model = PipelineModule(layers=layers, num_stages=1, loss_fn=torch.nn.MSELoss())
 x0 = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
 engine, _, _, _ = deepspeed.initialize(args=args, model=model, model_parameters=model.parameters())
-calls = {"allreduce": 0}
-original = engine.allreduce_gradients
-
-
-def counting(*a, **kw):
-    calls["allreduce"] += 1
-    return original(*a, **kw)
-
-
-engine.allreduce_gradients = counting
+calls = count_allreduce_calls(engine)
 
 
 def batches():

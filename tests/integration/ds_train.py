@@ -15,6 +15,7 @@ import json
 
 import deepspeed
 import torch
+from ds_common import count_allreduce_calls
 
 import deepspeed_cdadam  # noqa: F401  (registers "CDAdam" and "OneBitAdam")
 
@@ -121,15 +122,7 @@ MPU = ModelParallelUnit() if args.mpu else None
 def initialize(seed: int):
     model = make_model(seed)
     engine, optimizer, _, _ = deepspeed.initialize(args=args, model=model, model_parameters=model.parameters(), mpu=MPU)
-    calls = {"allreduce": 0}
-    original = engine.allreduce_gradients
-
-    def counting_allreduce(*a, **kw):
-        calls["allreduce"] += 1
-        return original(*a, **kw)
-
-    engine.allreduce_gradients = counting_allreduce
-    return engine, optimizer, calls
+    return engine, optimizer, count_allreduce_calls(engine)
 
 
 if args.load_from:
