@@ -19,6 +19,7 @@ parser.add_argument("--local_rank", type=int, default=None)
 parser.add_argument("--out", required=True)
 parser = deepspeed.add_config_arguments(parser)
 args = parser.parse_args()
+torch.set_num_threads(1)  # the launchers differ (mpiexec binds a core per rank): same kernels, same bits
 deepspeed.init_distributed(dist_backend="gloo")
 rank = torch.distributed.get_rank()
 

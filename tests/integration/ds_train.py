@@ -31,6 +31,7 @@ parser.add_argument("--mpu", action="store_true", help="pass a model-parallel un
 parser.add_argument("--load-from", default="", help="only load this checkpoint (any world size), record, train 2 steps")
 parser = deepspeed.add_config_arguments(parser)
 args = parser.parse_args()
+torch.set_num_threads(1)  # the launchers differ (mpiexec binds a core per rank): same kernels, same bits
 with open(args.deepspeed_config) as fh:
     if json.load(fh).get("fp16", {}).get("enabled"):
         from deepspeed.accelerator import get_accelerator
