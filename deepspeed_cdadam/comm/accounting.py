@@ -32,10 +32,11 @@ class CommStats:
     bytes_down: float = 0.0  # server -> worker (all_gather, or the all-gather half of all_reduce)
     bytes_handed: int = 0  # input bytes given to collectives (what the code really moved into them)
     collective_calls: int = 0
+    bytes_control: float = 0.0  # small agreement messages (non-finite flags, consistency fingerprints)
 
     @property
     def bytes_sent(self) -> float:
-        return self.bytes_up + self.bytes_down
+        return self.bytes_up + self.bytes_down + self.bytes_control
 
     def snapshot(self) -> CommStats:
-        return CommStats(self.bytes_up, self.bytes_down, self.bytes_handed, self.collective_calls)
+        return CommStats(self.bytes_up, self.bytes_down, self.bytes_handed, self.collective_calls, self.bytes_control)

@@ -212,7 +212,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
 
     def _gradients_usable(self, groups: list, grads: list[torch.Tensor]) -> bool:
         """False (on every rank alike) to skip this step; raises (on every rank alike) for policy 'error'."""
-        bad_ranks = ranks_with_nonfinite(self.transport, grads)
+        bad_ranks = ranks_with_nonfinite(self.transport, grads, self.comm_stats)
         if not bad_ranks:
             return True
         if self.nonfinite_grads == "skip":
@@ -246,7 +246,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
                 if key in state
             ]
         step = max((self.group_state(g).get(STEP, 0) for g in self.param_groups if self.trainable(g)), default=0)
-        check_ranks_agree(self.transport, named, step)
+        check_ranks_agree(self.transport, named, step, self.comm_stats)
 
     def reset_compression_state(self) -> None:
         """Restart every group's compression state (Markov states, error buffers) from zero, on this rank.

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..comm.accounting import CommStats, all_gather_bytes_sent, all_reduce_bytes_sent
 from ..comm.transport import Transport
 
 NONFINITE_POLICIES = ("error", "skip")
@@ -19,12 +20,22 @@ NONFINITE_POLICIES = ("error", "skip")
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def ranks_with_nonfinite(transport: Transport, grads: Sequence[torch.Tensor]) -> list[int]:
+def _count(stats: CommStats | None, handed: int, sent: float) -> None:
+    if stats is not None:
+        stats.bytes_control += sent
+        stats.bytes_handed += handed
+        stats.collective_calls += 1
+
+
+def ranks_with_nonfinite(
+    transport: Transport, grads: Sequence[torch.Tensor], stats: CommStats | None = None
+) -> list[int]:
     """Ranks whose gradients contain NaN or inf (the same list on every rank)."""
     flags = torch.zeros(transport.world_size, dtype=torch.float32)
     if not all(bool(torch.isfinite(g).all()) for g in grads):
         flags[transport.rank] = 1.0
     transport.all_reduce_sum(flags)
+    _count(stats, 4 * transport.world_size, all_reduce_bytes_sent(4 * transport.world_size, transport.world_size))
     return [r for r in range(transport.world_size) if flags[r] > 0]
 
 
@@ -37,12 +48,15 @@ def fingerprint(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([bits.sum(), (bits * weights).sum()])
 
 
-def check_ranks_agree(transport: Transport, named: Sequence[tuple[str, torch.Tensor]], step: int) -> None:
+def check_ranks_agree(
+    transport: Transport, named: Sequence[tuple[str, torch.Tensor]], step: int, stats: CommStats | None = None
+) -> None:
     """Raise ``RuntimeError`` on every rank if any named tensor differs between ranks."""
     if not named:
         return
     mine = torch.stack([fingerprint(t) for _, t in named])  # [k, 2]
     everyone = transport.all_gather(mine.reshape(-1)).view(transport.world_size, len(named), 2)
+    _count(stats, mine.numel() * 8, all_gather_bytes_sent(mine.numel() * 8, transport.world_size))
     differs = (everyone != everyone[0]).any(dim=2)  # [ranks, k]
     if bool(differs.any()):
         first = int(differs.any(dim=0).nonzero()[0])

@@ -48,6 +48,7 @@ def _bytes_per_step(rank, world_size, out_dir):
                 after.bytes_down - before.bytes_down,
                 after.bytes_handed - before.bytes_handed,
                 after.collective_calls - before.collective_calls,
+                after.bytes_sent - before.bytes_sent,
             )
         )
     torch.save(sent, f"{out_dir}/bytes-{rank}.pt")
@@ -60,9 +61,11 @@ def test_cd_adam_sends_at_most_one_28th_of_fp32_all_reduce(tmp_path, world_size)
     shard = -(-NUMEL // world_size)
     wire = -(-shard // 8) + 4  # packed signs of the longest shard + one fp32 scale
     for rank in range(world_size):
-        for up, down, handed, calls in torch.load(tmp_path / f"bytes-{rank}.pt"):
-            assert calls == 2  # one all_to_all up, one all_gather down
+        flag = 4 * world_size  # the non-finite flags: one fp32 per rank, all-reduced
+        for up, down, handed, calls, total in torch.load(tmp_path / f"bytes-{rank}.pt"):
+            assert calls == 3  # the flag all-reduce, one all_to_all up, one all_gather down
             assert up == (world_size - 1) * wire and down == (world_size - 1) * wire
-            assert handed == world_size * wire + wire  # all_to_all input + all_gather input
-            assert (up + down) / fp32_all_reduce <= 1 / 28
+            assert total == up + down + all_reduce_bytes_sent(flag, world_size)
+            assert handed == world_size * wire + wire + flag  # all_to_all input + all_gather input + flags
+            assert total / fp32_all_reduce <= 1 / 28  # everything counted, scales and flags included
             assert handed / (4 * NUMEL) <= 1 / 16  # input bytes vs the fp32 buffer an all-reduce is handed
