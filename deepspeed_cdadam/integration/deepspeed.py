@@ -119,8 +119,9 @@ def build_optimizer(engine: Any, type_name: str, model_parameters: Any) -> Compr
         transport: Transport = MpiTransport(cuda_aware=cuda_aware)
     else:
         group = engine.mpu.get_data_parallel_group() if engine.mpu is not None else engine.seq_data_parallel_group
-        transport = TorchDistributedTransport(group, timeout_s)
-    optimizer = OPTIMIZER_TYPES[type_name](model_parameters, transport=transport, **params)
+        transport = TorchDistributedTransport(group, timeout_s)  # validates timeout_s too
+    # timeout_s also goes to the optimizer, which validates it (MPI itself has no per-call timeout)
+    optimizer = OPTIMIZER_TYPES[type_name](model_parameters, transport=transport, timeout_s=timeout_s, **params)
     optimizer.param_names = {id(p): name for name, p in engine.module.named_parameters()}
 
     if isinstance(optimizer, OneBitAdam):

@@ -76,6 +76,7 @@ def _init(optimizer: dict, **extra):
             ValueError,
             "Invalid freeze_step=-2. Must be an int >= 0.",
         ),
+        ({"type": "CDAdam", "params": {"timeout_s": -1}}, {}, ValueError, "Invalid timeout_s=-1. Must be a number > 0"),
         (
             {"type": "CDAdam", "params": {}},
             {"zero_optimization": {"stage": 1}},
