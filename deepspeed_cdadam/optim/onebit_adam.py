@@ -89,6 +89,9 @@ class OneBitAdam(CompressedOptimizer):
             consistency_check_every=consistency_check_every,
         )
         self.freeze_step = freeze_step
+        for group in self.param_groups:  # a wrong mask fails here, not after the warm-up
+            if "exp_avg_mask" in group:
+                self._check_mask(group["exp_avg_mask"], sum(p.numel() for p in self.trainable(group)))
         # Set by the DeepSpeed integration: during the warm-up the engine has already averaged the
         # gradients, so the optimizer uses them as they are instead of all-reducing again.
         self.warmup_grads_are_averaged = False
@@ -97,13 +100,17 @@ class OneBitAdam(CompressedOptimizer):
         self.on_phase_change: Callable[[bool], None] | None = None
 
     @staticmethod
-    def _flat_mask(mask: object, like: torch.Tensor) -> torch.Tensor:
-        if not torch.is_tensor(mask) or mask.numel() != like.numel():
+    def _check_mask(mask: object, numel: int) -> None:
+        if not torch.is_tensor(mask) or mask.numel() != numel:
             raise ValueError(
                 f"Invalid exp_avg_mask: must be a tensor with one entry per coordinate of the group "
-                f"({like.numel()}), got {mask.shape if torch.is_tensor(mask) else type(mask).__name__}."
+                f"({numel}), got {mask.shape if torch.is_tensor(mask) else type(mask).__name__}."
             )
-        return mask.reshape(-1).to(device=like.device, dtype=like.dtype)
+
+    @classmethod
+    def _flat_mask(cls, mask: object, like: torch.Tensor) -> torch.Tensor:
+        cls._check_mask(mask, like.numel())  # the group may have been edited since construction
+        return mask.reshape(-1).to(device=like.device, dtype=like.dtype)  # type: ignore[union-attr]
 
     def next_step_is_compressed(self) -> bool:
         """True once ``freeze_step`` steps have been taken."""
