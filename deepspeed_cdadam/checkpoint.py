@@ -38,7 +38,7 @@ def rank_state_path(directory: str, rank: int, world_size: int) -> str:
 
 def group_layout(optimizer: Any) -> list[int]:
     """Coordinates of each parameter group's flat buffer."""
-    return [sum(p.numel() for p in optimizer.trainable(g)) for g in optimizer.param_groups]
+    return [optimizer.group_numel(g) for g in optimizer.param_groups]
 
 
 def save_rank_state(optimizer: Any, directory: str) -> str:

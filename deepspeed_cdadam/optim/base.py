@@ -156,6 +156,11 @@ class CompressedOptimizer(torch.optim.Optimizer):
     def trainable(group: dict[str, Any]) -> list[torch.Tensor]:
         return [p for p in group["params"] if p.requires_grad]
 
+    @classmethod
+    def group_numel(cls, group: dict[str, Any]) -> int:
+        """Coordinates of the group's flat buffer."""
+        return sum(p.numel() for p in cls.trainable(group))
+
     @staticmethod
     def buffer_dtype(params: list[torch.Tensor]) -> torch.dtype:
         """fp32 for fp16/bf16 parameters (master precision), else the parameters' dtype."""

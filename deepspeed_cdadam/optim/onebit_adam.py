@@ -91,7 +91,7 @@ class OneBitAdam(CompressedOptimizer):
         self.freeze_step = freeze_step
         for group in self.param_groups:  # a wrong mask fails here, not after the warm-up
             if "exp_avg_mask" in group:
-                self._check_mask(group["exp_avg_mask"], sum(p.numel() for p in self.trainable(group)))
+                self._check_mask(group["exp_avg_mask"], self.group_numel(group))
         # Set by the DeepSpeed integration: during the warm-up the engine has already averaged the
         # gradients, so the optimizer uses them as they are instead of all-reducing again.
         self.warmup_grads_are_averaged = False
