@@ -6,7 +6,7 @@ Importing the package needs neither cupy, CUDA nor deepspeed.
 from .comm import CommStats, InProcessWorld, ShardLayout, TorchDistributedTransport, Transport
 from .compressors import COMPRESSOR_NAMES, Compressor, get_compressor
 from .exchange import EXCHANGE_NAMES
-from .optim import CDAdam, OneBitAdam
+from .optim import EF21, CDAdam, OneBitAdam
 from .types import CommTimeoutError
 
 __version__ = "0.1.0"
@@ -57,6 +57,7 @@ _register_with_deepspeed()
 __all__ = [
     "COMPRESSOR_NAMES",
     "EXCHANGE_NAMES",
+    "EF21",
     "CDAdam",
     "CommStats",
     "CommTimeoutError",

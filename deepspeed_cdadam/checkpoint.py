@@ -87,10 +87,11 @@ def check_loaded_state(optimizer: Any) -> None:
     """Raise if the (framework-loaded) optimizer state is not this optimizer's flat group state."""
     for gi, (group, numel) in enumerate(zip(optimizer.param_groups, group_layout(optimizer))):
         state = optimizer.group_state(group) if numel else {}
+        key = optimizer.FLAT_STATE_KEY
         ours = (
-            EXP_AVG in state
-            and state[EXP_AVG].dim() == 1
-            and state[EXP_AVG].numel() == numel
+            key in state
+            and state[key].dim() == 1
+            and state[key].numel() == numel
             and isinstance(state.get(STEP), int)  # torch.optim keeps a tensor step
         )
         if state and not ours:
@@ -127,5 +128,5 @@ def load_rank_state(optimizer: Any, directory: str) -> bool:
     for group, per_rank in zip(optimizer.param_groups, saved["groups"]):
         state = optimizer.group_state(group)
         for key, value in per_rank.items():
-            state[key] = value.to(device=state[EXP_AVG].device)
+            state[key] = value.to(device=state[optimizer.FLAT_STATE_KEY].device)
     return True

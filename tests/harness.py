@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from deepspeed_cdadam import CDAdam, OneBitAdam, ShardLayout
+from deepspeed_cdadam import EF21, CDAdam, OneBitAdam, ShardLayout
 from deepspeed_cdadam.compressors import get_compressor
 from deepspeed_cdadam.simulate import (
     AMSGradReference,
     CDAdamReference,
+    EF21Reference,
     ErrorFeedbackAMSGradReference,
     NaiveAMSGradReference,
     OneBitAdamReference,
@@ -49,6 +50,7 @@ CASES = {
         CDAdamReference,
         {"worker_scale_scope": "tensor"},
     ),
+    "ef21_topk": (EF21, {"compressor": "topk"}, EF21Reference, {"compressor": "topk"}),
     "onebit": (
         OneBitAdam,
         {"freeze_step": 5, "weight_decay": 0.01},

@@ -1,4 +1,4 @@
-"""DeepSpeed integration: ``"optimizer": {"type": "CDAdam" | "OneBitAdam", "params": {...}}``.
+"""DeepSpeed integration: ``"optimizer": {"type": "CDAdam" | "OneBitAdam" | "EF21", "params": {...}}``.
 
 ``register()`` (called by ``import deepspeed_cdadam`` when deepspeed is installed) wraps
 ``DeepSpeedEngine._configure_basic_optimizer`` so that an unmodified ``deepspeed.initialize``
@@ -29,10 +29,11 @@ from ..comm.mpi import MpiTransport
 from ..comm.transport import TorchDistributedTransport, Transport
 from ..optim.base import CompressedOptimizer
 from ..optim.cd_adam import CDAdam
+from ..optim.ef21 import EF21
 from ..optim.onebit_adam import OneBitAdam
 
 #: DeepSpeed ``optimizer.type`` (case-insensitive) -> our class.
-OPTIMIZER_TYPES: dict[str, type[CompressedOptimizer]] = {"cdadam": CDAdam, "onebitadam": OneBitAdam}
+OPTIMIZER_TYPES: dict[str, type[CompressedOptimizer]] = {"cdadam": CDAdam, "onebitadam": OneBitAdam, "ef21": EF21}
 
 _COMMON_KEYS = (
     "lr",
@@ -53,6 +54,7 @@ _COMMON_KEYS = (
 ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
     "cdadam": _COMMON_KEYS + ("amsgrad", "exchange"),
     "onebitadam": _COMMON_KEYS + ("freeze_step", "bias_correction", "eps_inside_sqrt"),
+    "ef21": tuple(k for k in _COMMON_KEYS if k not in ("betas", "eps", "worker_scale_scope")) + ("ratio",),
 }
 #: ``comm_backend_name`` values that mean "torch.distributed" (upstream names included).
 TORCH_BACKEND_NAMES = ("torch", "nccl", "gloo", "compressed", "hccl", "ccl", "xccl", "mpi_torch")
@@ -145,7 +147,7 @@ def _our_optimizer(engine: Any) -> CompressedOptimizer | None:
 
 
 def register() -> None:
-    """Make DeepSpeed build ``CDAdam`` / ``OneBitAdam`` from JSON configs. Idempotent."""
+    """Make DeepSpeed build ``CDAdam`` / ``OneBitAdam`` / ``EF21`` from JSON configs. Idempotent."""
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     if hasattr(DeepSpeedEngine, _PATCH_MARK):

@@ -115,6 +115,9 @@ class CompressedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             self._check_group(group)
 
+    #: A flat buffer every initialised group state holds (how a checkpoint's state is recognised).
+    FLAT_STATE_KEY = EXP_AVG
+
     # --- transport and exchanges --------------------------------------------------------
     @property
     def transport(self) -> Transport:
@@ -261,11 +264,12 @@ class CompressedOptimizer(torch.optim.Optimizer):
         """
         for index, group in enumerate(self.param_groups):
             state = self.group_state(group)
-            if EXP_AVG not in state:
+            if self.FLAT_STATE_KEY not in state:
                 continue
+            zeros = torch.zeros_like(state[self.FLAT_STATE_KEY])
             for key in (*PER_RANK_KEYS, DOWN_MARKOV_STATE):
                 state.pop(key, None)
-            self._exchange_for(index, state[EXP_AVG].numel()).init_state(state, torch.zeros_like(state[EXP_AVG]))
+            self._exchange_for(index, zeros.numel()).init_state(state, zeros)
 
     @abstractmethod
     def init_group_state(self, index: int, group: dict[str, Any], state: dict[str, Any], zeros: torch.Tensor) -> None:

@@ -1,0 +1,86 @@
+"""EF21 both ways: SGD on a Markov-compressed (top-k) gradient estimate (Richtarik et al.; the paper's baseline)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..comm.transport import Transport
+from ..compressors.base import Compressor
+from ..compressors.registry import get_compressor
+from ..types import DOWN_MARKOV_STATE, STEP
+from .base import CompressedOptimizer, validate_adam_hparams
+from .functional import apply_update_
+
+
+class EF21(CompressedOptimizer):
+    r"""EF21 with Markov compression up and down and a plain SGD step (CD-Adam's baseline "EF21").
+
+    .. math::
+       \begin{aligned}
+       &(1)\ c^{(i)}_t = \mathcal{C}(g^{(i)}_t - \hat g^{(i)}_{t-1}),\quad
+             \hat g^{(i)}_t = \hat g^{(i)}_{t-1} + c^{(i)}_t \\
+       &(2)\ \hat g_t = \hat g_{t-1} + \tfrac1n \textstyle\sum_i c^{(i)}_t,\quad
+             \tilde g_t = \tilde g_{t-1} + \mathcal{C}(\hat g_t - \tilde g_{t-1}) \\
+       &(3)\ x_{t+1} = (1 - \alpha\lambda)\, x_t - \alpha\, \tilde g_t
+       \end{aligned}
+
+    Steps (1)-(2) are CD-Adam's exchange (``exchange.MarkovExchange``); only the update differs.
+    :math:`\mathcal{C}` defaults to top-k with ``ratio`` of each shard's coordinates (index +
+    value per kept coordinate on the wire). SGD needs its own lr (about 0.01-0.1 for a ResNet,
+    not Adam's 1e-4); ``weight_decay`` is decoupled as in AdamW.
+
+    Args:
+        params: parameters or parameter groups.
+        lr, weight_decay: SGD step size and decoupled weight decay.
+        compressor: "topk" (default), "randk", "scaled_sign", "sign_l2", or a ``Compressor``.
+        ratio: kept fraction for "topk" / "randk".
+        Other keyword arguments: as ``CDAdam`` (block_size, transport, timeout_s, seed, ...).
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 0.01,
+        weight_decay: float = 0.0,
+        *,
+        compressor: str | Compressor = "topk",
+        ratio: float = 0.01,
+        block_size: int | None = None,
+        transport: Transport | None = None,
+        process_group: object | None = None,
+        timeout_s: float = 300.0,
+        seed: int = 0,
+        nonfinite_grads: str = "error",
+        consistency_check_every: int = 0,
+    ) -> None:
+        validate_adam_hparams(lr, (0.0, 0.0), 1.0, weight_decay)
+        if isinstance(compressor, str) and compressor in ("topk", "randk"):
+            compressor = get_compressor(compressor, ratio=ratio)
+        super().__init__(
+            params,
+            {"lr": lr, "weight_decay": weight_decay},
+            exchange="markov",
+            compressor=compressor,
+            block_size=block_size,
+            transport=transport,
+            process_group=process_group,
+            timeout_s=timeout_s,
+            seed=seed,
+            nonfinite_grads=nonfinite_grads,
+            consistency_check_every=consistency_check_every,
+        )
+
+    FLAT_STATE_KEY = DOWN_MARKOV_STATE  # EF21 keeps no moments
+
+    def init_group_state(self, index: int, group: dict[str, Any], state: dict[str, Any], zeros: torch.Tensor) -> None:
+        self._exchange_for(index, zeros.numel()).init_state(state, zeros)
+
+    def group_step(
+        self, index: int, group: dict[str, Any], params: list[torch.Tensor], state: dict[str, Any], grad: torch.Tensor
+    ) -> None:
+        # (1)-(2): the compressed exchange; every rank gets the same estimate gtil
+        estimate = self._exchange_for(index, grad.numel()).exchange(grad, state, step=state["step"], group=index)
+        # (3) x <- (1 - lr*wd) x - lr * gtil
+        apply_update_(params, estimate, lr=group["lr"], weight_decay=group["weight_decay"])
