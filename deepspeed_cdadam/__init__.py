@@ -56,8 +56,8 @@ _register_with_deepspeed()
 
 __all__ = [
     "COMPRESSOR_NAMES",
-    "EXCHANGE_NAMES",
     "EF21",
+    "EXCHANGE_NAMES",
     "CDAdam",
     "CommStats",
     "CommTimeoutError",

@@ -4,8 +4,8 @@ The Markov states, server shards and error buffers differ between ranks, so each
 own ``cdadam_rank{r}_of_{n}.pt`` next to the framework's checkpoint. Loading is decided by all
 ranks together (one small all-reduce), so they all restore, all reset, or all raise:
 
-* every rank's file is present and matches (optimizer type, parameter layout): restored, and a
-  resumed run continues bit-identically;
+* every rank's file is present and matches (optimizer type, parameter layout): restored (with the
+  byte and skipped-step counters), and a resumed run continues bit-identically;
 * files are missing (another world size, or a checkpoint from before): the compression state is
   reset on every rank, with a warning; moments, step counts and weights are kept;
 * any file is unreadable (corrupted, truncated) or was written by another optimizer type or for
@@ -14,13 +14,14 @@ ranks together (one small all-reduce), so they all restore, all reset, or all ra
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
 
 import torch
 
-from .types import EXP_AVG, PER_RANK_KEYS, STEP
+from .types import PER_RANK_KEYS, STEP
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,10 @@ def save_rank_state(optimizer: Any, directory: str) -> str:
         "world_size": tr.world_size,
         "rank": tr.rank,
         "layout": group_layout(optimizer),
+        # counters, so a resumed run keeps counting bytes and skipped steps where it stopped
+        "comm_stats": dataclasses.asdict(optimizer.comm_stats),
+        "skipped_steps": optimizer.skipped_steps,
+        "steps_taken": optimizer.steps_taken,
         "groups": [
             {k: v.detach().cpu().clone() for k, v in optimizer.group_state(g).items() if k in PER_RANK_KEYS}
             for g in optimizer.param_groups
@@ -129,4 +134,8 @@ def load_rank_state(optimizer: Any, directory: str) -> bool:
         state = optimizer.group_state(group)
         for key, value in per_rank.items():
             state[key] = value.to(device=state[optimizer.FLAT_STATE_KEY].device)
+    if "comm_stats" in saved:
+        for name, value in saved["comm_stats"].items():  # in place: the exchanges hold this object
+            setattr(optimizer.comm_stats, name, value)
+        optimizer.skipped_steps, optimizer.steps_taken = saved["skipped_steps"], saved["steps_taken"]
     return True

@@ -21,9 +21,16 @@ def _trained(opt_cls, rank, transport, numel=10, steps=3):
 
 def test_round_trip_restores_each_ranks_own_state(tmp_path):
     def worker(rank, tr):
-        save_rank_state(_trained(CDAdam, rank, tr), str(tmp_path))
+        trained = _trained(CDAdam, rank, tr)
+        save_rank_state(trained, str(tmp_path))
         fresh = _trained(CDAdam, rank, tr, steps=1)
         assert load_rank_state(fresh, str(tmp_path))
+        # the byte counters continue from the checkpoint, and the exchange keeps adding to them
+        assert fresh.comm_stats == trained.comm_stats and fresh.steps_taken == 3
+        before = fresh.comm_stats.bytes_up
+        fresh.param_groups[0]["params"][0].grad = torch.ones(10, dtype=torch.float64)
+        fresh.step()
+        assert fresh.comm_stats.bytes_up > before
         return fresh.state[fresh.param_groups[0]["params"][0]]["markov_state"]
 
     states = InProcessWorld(2).run(worker)

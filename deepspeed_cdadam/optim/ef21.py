@@ -81,6 +81,6 @@ class EF21(CompressedOptimizer):
         self, index: int, group: dict[str, Any], params: list[torch.Tensor], state: dict[str, Any], grad: torch.Tensor
     ) -> None:
         # (1)-(2): the compressed exchange; every rank gets the same estimate gtil
-        estimate = self._exchange_for(index, grad.numel()).exchange(grad, state, step=state["step"], group=index)
+        estimate = self._exchange_for(index, grad.numel()).exchange(grad, state, step=state[STEP], group=index)
         # (3) x <- (1 - lr*wd) x - lr * gtil
         apply_update_(params, estimate, lr=group["lr"], weight_decay=group["weight_decay"])

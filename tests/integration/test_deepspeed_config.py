@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,3 +209,34 @@ def test_checkpoint_of_another_optimizer_is_a_clear_error(tmp_path):
     fresh, _, _, _ = _init({"type": "CDAdam", "params": {"lr": 0.01}})
     with pytest.raises(ValueError, match="was not written by CDAdam"):
         fresh.load_checkpoint(str(tmp_path))
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.json"))
+EXPECTED_OPTIMIZER = {
+    "cdadam": "CDAdam",
+    "onebitadam": "OneBitAdam",
+    "ef21": "EF21",
+    "amsgrad": "CDAdam",
+    "adam": "AdamW",
+}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_committed_configs_build_and_step(path):
+    """Every config in configs/ builds its optimizer in an unmodified deepspeed.initialize and takes a step."""
+    config = json.loads(path.read_text())
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    assert type(engine.basic_optimizer).__name__ == EXPECTED_OPTIMIZER[path.stem.split("_", 1)[1]]
+    before = model.weight.detach().clone()
+    engine.backward(engine(torch.ones(2, 4)).sum())
+    engine.step()
+    assert not torch.equal(before, model.weight.detach())
+
+
+def test_ef21_unknown_key_names_the_allowed_ones():
+    with pytest.raises(
+        ValueError, match=r"Unknown key optimizer.params.betas for optimizer type 'ef21'\. Allowed: lr, "
+    ):
+        _init({"type": "EF21", "params": {"lr": 0.1, "betas": [0.9, 0.99]}})

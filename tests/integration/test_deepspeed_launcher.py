@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,20 +18,9 @@ import torch
 
 from deepspeed_cdadam import CDAdam, InProcessWorld, OneBitAdam, ShardLayout
 from deepspeed_cdadam.simulate import CDAdamReference
+from tests.launch import deepspeed_cmd, run_checked
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS, SAVE_AT = 8, 5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_checked(cmd: list[str]) -> None:
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, check=False)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
 
 
 def write_config(directory: Path, optimizer: dict, **extra) -> Path:
@@ -47,14 +34,8 @@ def launch(
     tmp_path: Path, optimizer: dict, *script_args: str, world_size: int = 2, save: bool = True, **extra
 ) -> list[dict]:
     config = write_config(tmp_path, optimizer, **extra)
-    launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [
-        str(launcher),
-        "--num_gpus",
-        str(world_size),
-        "--master_port",
-        str(_free_port()),
-        "tests/integration/ds_train.py",
+        *deepspeed_cmd(world_size, "tests/integration/ds_train.py"),
         "--deepspeed_config",
         str(config),
         "--out",
@@ -144,12 +125,7 @@ def test_cdadam_from_json(tmp_path):
     config = write_config(tmp_path / "pipe", {"type": "CDAdam", "params": {"lr": 0.01, "betas": [0.9, 0.99]}})
     run_checked(
         [
-            str(Path(sys.executable).with_name("deepspeed")),
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(_free_port()),
-            "tests/integration/ds_pipe.py",
+            *deepspeed_cmd(2, "tests/integration/ds_pipe.py"),
             "--deepspeed_config",
             str(config),
             "--out",

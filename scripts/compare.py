@@ -1,0 +1,280 @@
+"""Head-to-head of CD-Adam, 1-bit Adam, Adam, uncompressed AMSGrad and EF21 on 2 CPU ranks, plus an lr sweep.
+
+    python scripts/compare.py            # (`make compare`) ~35 min on 2 cores; reruns only missing runs
+    python scripts/compare.py --quick    # a smoke version in a few minutes (not for the report)
+
+Each run is ``deepspeed --num_gpus 2 scripts/train.py`` with a committed config from configs/,
+scaled to the budget (micro batch, 1-bit Adam's freeze_step = 13% of the run, lr for the sweep)
+and written to ``results/compare/configs/``. Writes under ``results/``: one folder per run
+(steps.csv, summary.json), the plots ``*.png`` and ``comparison.md`` (the table the README quotes).
+
+"Bytes to reach loss L": the bytes one rank had sent when the training loss (EMA over 20 steps)
+first reached L, where L is the worst final EMA loss among the optimizers compared (so all of them
+reach it). This is the paper's "bits at equal training loss".
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTIMIZERS = ("cdadam", "onebitadam", "adam", "amsgrad", "ef21")
+LABELS = {
+    "cdadam": "CD-Adam",
+    "onebitadam": "1-bit Adam",
+    "adam": "Adam (fp32)",
+    "amsgrad": "AMSGrad (fp32, CD-Adam's rule)",
+    "ef21": "EF21 (top-1%, SGD)",
+}
+WARMUP_FRACTION = 0.13  # 1-bit Adam's full-precision warm-up, as in the paper's CIFAR runs
+EMA_STEPS = 20
+
+
+@dataclass
+class Study:
+    """One task's head-to-head: which configs, how long, which train.py flags."""
+
+    name: str
+    task: str
+    config_prefix: str
+    steps: int
+    micro_batch: int
+    flags: tuple[str, ...]
+
+
+def studies(quick: bool) -> list[Study]:
+    scale = 0.1 if quick else 1.0
+    return [
+        Study(
+            "resnet",
+            "resnet18-fashion",
+            "resnet",
+            int(500 * scale),
+            64,
+            (
+                "--width",
+                "16",
+                "--lr-decay-at",
+                "0.5",
+                "0.75",
+                "--eval-every",
+                str(int(100 * scale)),
+                "--eval-examples",
+                "2000",
+            ),
+        ),
+        Study(
+            "bert_mlm",
+            "bert-mlm",
+            "bert",
+            int(300 * scale),
+            32,
+            ("--size", "tiny", "--eval-every", str(int(100 * scale)), "--eval-examples", "256"),
+        ),
+    ]
+
+
+SWEEP_LRS = (3e-5, 1e-4, 3e-4, 1e-3)
+SWEEP_OPTIMIZERS = ("cdadam", "adam")
+
+
+def write_config(study: Study, optimizer: str, lr: float | None, steps: int, out: Path) -> Path:
+    config = json.loads((ROOT / "configs" / f"{study.config_prefix}_{optimizer}.json").read_text())
+    config["train_micro_batch_size_per_gpu"] = study.micro_batch
+    params = config["optimizer"]["params"]
+    if optimizer == "onebitadam":
+        params["freeze_step"] = max(1, round(WARMUP_FRACTION * steps))
+    if lr is not None:
+        params["lr"] = lr
+    config["_description"] += f" [compare.py: micro batch {study.micro_batch}, {steps} steps]"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(config, indent=1))
+    return out
+
+
+def run(
+    study: Study, optimizer: str, results: Path, *, lr: float | None = None, steps: int | None = None, fresh: bool
+) -> Path:
+    steps = steps or study.steps
+    tag = f"{study.name}/{optimizer}" + (f"_lr{lr:g}" if lr is not None else "")
+    out = results / "compare" / tag
+    if (out / "summary.json").exists() and not fresh:
+        print(f"[compare] {tag}: done before, kept")
+        return out
+    config = write_config(
+        study, optimizer, lr, steps, results / "compare" / "configs" / f"{tag.replace('/', '_')}.json"
+    )
+    launcher = Path(sys.executable).with_name("deepspeed")
+    cmd = [
+        str(launcher),
+        "--num_gpus",
+        "2",
+        "scripts/train.py",
+        "--deepspeed_config",
+        str(config),
+        "--task",
+        study.task,
+        "--steps",
+        str(steps),
+        "--out",
+        str(out),
+        *study.flags,
+    ]
+    print(f"[compare] {tag}: {' '.join(cmd[1:])}", flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return out
+
+
+def read_rows(folder: Path) -> list[dict]:
+    with open(folder / "steps.csv") as fh:
+        return [{k: (float(v) if v != "" else None) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def ema(values: list[float], span: int = EMA_STEPS) -> list[float]:
+    out, acc, alpha = [], values[0], 2 / (span + 1)
+    for v in values:
+        acc = alpha * v + (1 - alpha) * acc
+        out.append(acc)
+    return out
+
+
+def bytes_to_reach(rows: list[dict], target: float) -> float | None:
+    for row, smooth in zip(rows, ema([r["loss"] for r in rows])):
+        if smooth <= target:
+            return row["bytes_total"]
+    return None
+
+
+def plot_study(study: Study, runs: dict[str, list[dict]], results: Path) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for opt, rows in runs.items():
+        steps = [r["step"] for r in rows]
+        mb = [r["bytes_total"] / 1e6 for r in rows]
+        axes[0].plot(steps, ema([r["loss"] for r in rows]), label=LABELS[opt])
+        axes[1].plot(mb, ema([r["loss"] for r in rows]), label=LABELS[opt])
+        evals = [(r["bytes_total"] / 1e6, r["test_acc"]) for r in rows if r["test_acc"] is not None]
+        axes[2].plot(*zip(*evals), marker="o", label=LABELS[opt])
+    axes[0].set(xlabel="step", ylabel=f"training loss (EMA {EMA_STEPS})", title=f"{study.task}: loss vs steps")
+    axes[1].set(
+        xlabel="MB sent by one rank (log)", ylabel="training loss (EMA)", xscale="log", title="loss vs bytes sent"
+    )
+    axes[2].set(
+        xlabel="MB sent by one rank (log)", ylabel="test accuracy", xscale="log", title="test accuracy vs bytes sent"
+    )
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(results / f"{study.name}.png", dpi=110)
+    plt.close(fig)
+
+
+def table(study: Study, runs: dict[str, list[dict]], summaries: dict[str, dict]) -> list[str]:
+    finals = {opt: ema([r["loss"] for r in rows])[-1] for opt, rows in runs.items()}
+    diverged = [opt for opt, rows in runs.items() if finals[opt] >= rows[0]["loss"]]
+    target = max(finals[opt] for opt in runs if opt != "ef21" and opt not in diverged)
+    reach = {opt: bytes_to_reach(rows, target) for opt, rows in runs.items()}
+    cd = reach.get("cdadam")
+    lines = [
+        f"### {study.task} ({summaries['cdadam']['params']:,} params, 2 ranks, {study.steps} steps, micro batch {study.micro_batch})",
+        "",
+        f"Target loss L = {target:.4f} (worst final EMA training loss among the Adam-type optimizers that did "
+        "not diverge)."
+        + (f" Diverged (final loss above the first): {', '.join(LABELS[o] for o in diverged)}." if diverged else ""),
+        "",
+        "| optimizer | final train loss (EMA) | test loss | test acc | MB sent (total) | MB sent to reach L | vs CD-Adam | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for opt, rows in runs.items():
+        s = summaries[opt]
+        r = reach[opt]
+        ratio = f"{r / cd:.1f}x" if r is not None and cd else "—"
+        lines.append(
+            f"| {LABELS[opt]} | {ema([x['loss'] for x in rows])[-1]:.4f} | {s['test_loss']:.4f} | {s['test_acc']:.4f} | "
+            f"{s['bytes_total'] / 1e6:.1f} | {f'{r / 1e6:.1f}' if r is not None else 'not reached'} | {ratio} | {s['wall_s']:.0f} |"
+        )
+    return lines + [""]
+
+
+def sweep_section(study: Study, results: Path, fresh: bool, steps: int) -> list[str]:
+    finals: dict[str, list[tuple[float, float, float]]] = {}
+    for opt in SWEEP_OPTIMIZERS:
+        for lr in SWEEP_LRS:
+            folder = run(study, opt, results, lr=lr, steps=steps, fresh=fresh)
+            rows = read_rows(folder)
+            s = json.loads((folder / "summary.json").read_text())
+            finals.setdefault(opt, []).append((lr, ema([r["loss"] for r in rows])[-1], s["test_acc"]))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for opt, pts in finals.items():
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=LABELS[opt])
+        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=LABELS[opt])
+    axes[0].set(
+        xscale="log", xlabel="lr", ylabel="final training loss (EMA)", title=f"lr sweep, {study.task}, {steps} steps"
+    )
+    axes[1].set(xscale="log", xlabel="lr", ylabel="test accuracy", title="lr sweep: test accuracy")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(results / "lr_sweep.png", dpi=110)
+    plt.close(fig)
+    lines = [
+        f"### lr sweep: {study.task}, {steps} steps (same schedule and batch as above)",
+        "",
+        "| lr | " + " | ".join(f"{LABELS[o]} loss / acc" for o in finals) + " |",
+        "|---" * (len(finals) + 1) + "|",
+    ]
+    for i, lr in enumerate(SWEEP_LRS):
+        lines.append(
+            f"| {lr:g} | " + " | ".join(f"{finals[o][i][1]:.4f} / {finals[o][i][2]:.4f}" for o in finals) + " |"
+        )
+    return lines + [""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default=str(ROOT / "results"))
+    parser.add_argument("--quick", action="store_true", help="10%% of the steps: a smoke test, not a result")
+    parser.add_argument("--fresh", action="store_true", help="rerun runs that already have a summary")
+    parser.add_argument("--no-sweep", action="store_true")
+    args = parser.parse_args()
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    report = [
+        "# Head-to-head on 2 CPU ranks (gloo)",
+        "",
+        (
+            "Written by `scripts/compare.py`; bytes are what one rank sent (ring/pairwise accounting), "
+            "the engine's fp32 all-reduce included. Configs used: `results/compare/configs/`."
+        ),
+        "",
+    ]
+    all_studies = studies(args.quick)
+    for study in all_studies:
+        runs, summaries = {}, {}
+        for opt in OPTIMIZERS:
+            folder = run(study, opt, results, fresh=args.fresh)
+            runs[opt] = read_rows(folder)
+            summaries[opt] = json.loads((folder / "summary.json").read_text())
+        plot_study(study, runs, results)
+        report += table(study, runs, summaries) + [f"![{study.name}]({study.name}.png)", ""]
+    if not args.no_sweep:
+        sweep_steps = max(all_studies[0].steps // 2, 10)
+        report += sweep_section(all_studies[0], results, args.fresh, sweep_steps) + ["![lr sweep](lr_sweep.png)", ""]
+    (results / "comparison.md").write_text("\n".join(report))
+    print("\n".join(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Train one task with any optimizer a DeepSpeed JSON config names (CDAdam, OneBitAdam, EF21, Adam, ...).
+
+    deepspeed --num_gpus 2 scripts/train.py --deepspeed_config configs/resnet_cdadam.json --task resnet18-fashion
+
+(on CPU, ``--num_gpus N`` starts N ranks.) Writes to ``--out``: ``steps.csv`` (one row per step:
+loss and accuracy averaged over ranks, lr, bytes this rank sent up/down so far, wall time; test
+loss/accuracy every ``--eval-every`` steps) and ``summary.json``. Bytes are counted as in
+``deepspeed_cdadam.comm.accounting`` (ring / pairwise collectives): our optimizers count their
+own exchanges; the engine's fp32 gradient all-reduce (Adam, and 1-bit Adam's warm-up) is counted
+here. The per-step loss all-reduce for logging is not counted (it is monitoring, not training).
+``--save-dir`` with ``--save-every`` writes DeepSpeed checkpoints; ``--resume`` continues from the
+latest one (same batches, same CSV).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tasks import TASKS  # noqa: E402
+
+import deepspeed_cdadam  # noqa: E402,F401  (registers CDAdam, OneBitAdam, EF21 with DeepSpeed)
+from deepspeed_cdadam.comm.accounting import all_reduce_bytes_sent  # noqa: E402
+
+FIELDS = ["step", "lr", "loss", "acc", "bytes_up", "bytes_down", "bytes_total", "wall_s", "test_loss", "test_acc"]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--local_rank", type=int, default=None)  # set by the deepspeed launcher
+    parser.add_argument("--task", required=True, choices=sorted(TASKS))
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    parser.add_argument("--out", default="runs/latest", help="folder for steps.csv and summary.json")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr-decay-at", type=float, nargs="*", default=[], help="fractions of --steps, e.g. 0.5 0.75")
+    parser.add_argument("--lr-decay-factor", type=float, default=0.1)
+    parser.add_argument("--eval-every", type=int, default=0, help="0: only at the end")
+    parser.add_argument("--eval-examples", type=int, default=2000, help="test examples (or text rows) evaluated")
+    parser.add_argument("--width", type=int, default=16, help="resnet18-fashion: first-stage channels (64 = ResNet-18)")
+    parser.add_argument("--size", choices=("tiny", "minilm"), default="tiny", help="bert-*: model size")
+    parser.add_argument("--text-limit", type=int, default=30000, help="text tasks: glosses read")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--timeout-s", type=float, default=600.0, help="timeout of every collective")
+    parser.add_argument("--save-dir", default="", help="DeepSpeed checkpoint folder")
+    parser.add_argument("--save-every", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --save-dir")
+    parser.add_argument("--stop-at", type=int, default=0, help="stop after this step, as if interrupted (lr schedule still spans --steps)")
+    parser = deepspeed.add_config_arguments(parser)
+    args = parser.parse_args()
+    for name in ("steps", "eval_examples", "width", "text_limit", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if any(not 0.0 < f < 1.0 for f in args.lr_decay_at):
+        parser.error(f"--lr-decay-at takes fractions in (0, 1), got {args.lr_decay_at}")
+    if (args.save_every or args.resume) and not args.save_dir:
+        parser.error("--save-every and --resume need --save-dir")
+    return args
+
+
+def lr_schedule(args: argparse.Namespace):
+    """Step decay: lr x factor at each fraction of the run in ``--lr-decay-at`` (the paper: 0.5 and 0.75)."""
+    milestones = sorted(math.ceil(f * args.steps) for f in args.lr_decay_at)
+
+    def factor(done: int) -> float:
+        return args.lr_decay_factor ** sum(done >= m for m in milestones)
+
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class BytesMeter:
+    """Bytes this rank sent: our optimizer's own count plus the engine's fp32 gradient all-reduces."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.engine_bytes = 0.0
+        original = engine.allreduce_gradients
+        numel_bytes = sum(p.numel() * p.element_size() for p in engine.module.parameters() if p.requires_grad)
+        per_call = all_reduce_bytes_sent(numel_bytes, engine.dp_world_size)
+
+        def counting_allreduce(*a, **k):
+            self.engine_bytes += per_call
+            return original(*a, **k)
+
+        engine.allreduce_gradients = counting_allreduce
+
+    def up_down(self) -> tuple[float, float]:
+        stats = getattr(self.engine.basic_optimizer, "comm_stats", None)
+        up = down = self.engine_bytes / 2  # ring all-reduce: reduce-scatter half, all-gather half
+        if stats is not None:
+            up += stats.bytes_up + stats.bytes_control
+            down += stats.bytes_down
+        return up, down
+
+
+def mean_over_ranks(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def evaluate(engine, task, batch_size: int) -> tuple[float, float]:
+    engine.module.eval()
+    total = torch.zeros(3, dtype=torch.float64)  # loss x count, hits, count
+    with torch.no_grad():
+        for batch in task.eval_batches(batch_size):
+            loss, hits, count = task.loss_and_hits(engine.module, batch)
+            total += torch.tensor([loss.item() * count, hits, count], dtype=torch.float64)
+    engine.module.train()
+    dist.all_reduce(total)
+    return float(total[0] / total[2]), float(total[1] / total[2])
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=args.timeout_s))
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    task = TASKS[args.task](args, rank, world)
+    task.load_data()
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = task.build_model()
+    torch.manual_seed(args.seed * 1000 + rank + 1)  # dropout differs per rank
+    engine, _, _, _ = deepspeed.initialize(
+        args=args, model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        lr_scheduler=lr_schedule(args),
+    )
+    meter = BytesMeter(engine)
+    batch_size = engine.train_micro_batch_size_per_gpu()
+
+    out = Path(args.out)
+    first, wall_before = 1, 0.0
+    if args.resume and os.path.exists(os.path.join(args.save_dir, "latest")):
+        _, client = engine.load_checkpoint(args.save_dir)
+        first = engine.global_steps + 1
+        meter.engine_bytes = client["engine_bytes"]
+        wall_before = client["wall_s"]
+    rows_file = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        resuming = first > 1 and (out / "steps.csv").exists()
+        if resuming:  # drop rows past the checkpoint (written before a crash), keep the rest
+            with open(out / "steps.csv") as fh:
+                kept = [r for r in csv.DictReader(fh) if int(r["step"]) < first]
+        rows_file = open(out / "steps.csv", "w", newline="")
+        writer = csv.DictWriter(rows_file, FIELDS)
+        writer.writeheader()
+        if resuming:
+            writer.writerows(kept)
+
+    start = time.perf_counter() - wall_before
+    last = min(args.steps, args.stop_at) if args.stop_at else args.steps
+    progress = tqdm(range(first, last + 1), disable=rank != 0, desc=f"{args.task} {engine.optimizer_name()}")
+    test_loss = test_acc = float("nan")
+    for step in progress:
+        lr = engine.get_lr()[0]  # the lr this step uses
+        loss, hits, count = task.loss_and_hits(engine, task.train_batch(step, batch_size))
+        engine.backward(loss)
+        engine.step()
+        mean_loss, all_hits, all_count = mean_over_ranks([loss.item(), hits, count])
+        up, down = meter.up_down()
+        row = {
+            "step": step, "lr": lr, "loss": mean_loss / world, "acc": all_hits / all_count,
+            "bytes_up": up, "bytes_down": down, "bytes_total": up + down, "wall_s": time.perf_counter() - start,
+            "test_loss": "", "test_acc": "",
+        }
+        if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
+            test_loss, test_acc = evaluate(engine, task, batch_size)
+            row.update(test_loss=test_loss, test_acc=test_acc)
+        if not math.isfinite(row["loss"]):
+            raise FloatingPointError(f"Training loss is {row['loss']} at step {step}: lower the lr.")
+        if rows_file is not None:
+            writer.writerow(row)
+            rows_file.flush()
+            progress.set_postfix(loss=f"{row['loss']:.4f}", MB=f"{(up + down) / 1e6:.1f}")
+        if args.save_every and step % args.save_every == 0:
+            engine.save_checkpoint(args.save_dir, client_state={"engine_bytes": meter.engine_bytes, "wall_s": row["wall_s"]})
+
+    if rank == 0:
+        rows_file.close()
+    if rank == 0 and last == args.steps and first <= last:
+        up, down = meter.up_down()
+        summary = {
+            "task": args.task, "optimizer": engine.optimizer_name(), "world_size": world, "steps": args.steps,
+            "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "final_train_loss": row["loss"], "test_loss": test_loss, "test_acc": test_acc,
+            "bytes_up": up, "bytes_down": down, "bytes_total": up + down, "wall_s": row["wall_s"],
+            "config": json.load(open(args.deepspeed_config)),
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
