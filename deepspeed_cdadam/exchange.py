@@ -44,7 +44,8 @@ from .comm.accounting import CommStats, all_gather_bytes_sent, all_reduce_bytes_
 from .comm.layout import ShardLayout
 from .comm.transport import Transport
 from .compressors.base import Compressor
-from .compressors.sign import ScaledSign
+from . import kernels
+from .compressors.sign import ScaledSign, ScaledSignL1
 from .types import DOWN_MARKOV_STATE, MARKOV_STATE, SERVER_ERROR, SERVER_MARKOV_STATE, WORKER_ERROR
 
 EXCHANGE_NAMES = ("markov", "error_feedback", "naive", "none")
@@ -174,14 +175,25 @@ class CompressedExchange(Exchange):
             wire, c = self._encode(x[lay.shard_slice(j)], j, shared_seed(self.seed, step, group, _UP, j, me), scale)
             wires.append(wire)
             local.append(c)
-        send = torch.cat(wires)
+        return torch.cat(local), self.receive_up(torch.cat(wires), x.dtype, step=step, group=group)
+
+    def receive_up(self, send: torch.Tensor, dtype: torch.dtype, *, step: int, group: int) -> torch.Tensor:
+        """The ``all_to_all`` of this worker's wire messages (shard after shard); returns ``mean_i C(x_i)`` on this rank's shard."""
+        n, me = self.layout.world_size, self.rank
         recv = self.transport.all_to_all(send).view(n, -1)
-        pieces = [self._decode(recv[i], me, x.dtype, shared_seed(self.seed, step, group, _UP, me, i)) for i in range(n)]
-        width = self._wire_nbytes(x.dtype)
-        self.stats.bytes_up += all_to_all_bytes_sent(width, n)
-        self.stats.bytes_handed += send.numel()
+        pieces = [self._decode(recv[i], me, dtype, shared_seed(self.seed, step, group, _UP, me, i)) for i in range(n)]
+        self._count(_UP, send.numel(), self._wire_nbytes(dtype))
+        return mean_in_rank_order(pieces)
+
+    def _count(self, direction: int, handed: int, width: int) -> None:
+        """Bytes of one collective: up = all_to_all of ``width``-byte messages, down = all_gather of one."""
+        n = self.layout.world_size
+        if direction == _UP:
+            self.stats.bytes_up += all_to_all_bytes_sent(width, n)
+        else:
+            self.stats.bytes_down += all_gather_bytes_sent(width, n)
+        self.stats.bytes_handed += handed
         self.stats.collective_calls += 1
-        return torch.cat(local), mean_in_rank_order(pieces)
 
     def send_down(self, shard_vec: torch.Tensor, *, step: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Server -> workers. Returns (``C(shard_vec)`` on this shard, ``C`` of every shard concatenated)."""
@@ -194,9 +206,7 @@ class CompressedExchange(Exchange):
                 for j in range(n)
             ]
         )
-        self.stats.bytes_down += all_gather_bytes_sent(wire.numel(), n)
-        self.stats.bytes_handed += wire.numel()
-        self.stats.collective_calls += 1
+        self._count(_DOWN, wire.numel(), wire.numel())
         return mine, full
 
     def server_slice(self) -> slice:
@@ -205,6 +215,17 @@ class CompressedExchange(Exchange):
 
 class MarkovExchange(CompressedExchange):
     """``markov``: CD-Adam's two Markov compression sequences (module docstring, steps (1)-(5))."""
+
+    def uses_fused_kernel(self, x: torch.Tensor, h: torch.Tensor) -> bool:
+        """Steps (1)-(2) run as one fused CPU kernel where it computes exactly the eager result."""
+        return (
+            type(self.compressor) is ScaledSignL1
+            and self.worker_scale_scope == "block"
+            and x.is_contiguous()
+            and h.is_contiguous()
+            and kernels.markov_applies(self.layout, x)
+            and kernels.available()
+        )
 
     def init_state(self, state: dict, like: torch.Tensor) -> None:
         state[MARKOV_STATE] = torch.zeros_like(like)
@@ -215,16 +236,37 @@ class MarkovExchange(CompressedExchange):
 
     def exchange(self, x: torch.Tensor, state: dict, *, step: int, group: int = 0) -> torch.Tensor:
         h, ghat, gtil = state[MARKOV_STATE], state[SERVER_MARKOV_STATE], state[DOWN_MARKOV_STATE]
-        # (1) worker i: c_i = C(g_i - h_i), sent to the servers
-        c_local, mean_c = self.send_up(x - h, step=step, group=group)
-        # (2) worker i: h_i <- h_i + c_i
-        h += c_local
+        if self.uses_fused_kernel(x, h):
+            return self._fused_exchange(x, h, ghat, gtil)
+        else:
+            # (1) worker i: c_i = C(g_i - h_i), sent to the servers
+            c_local, mean_c = self.send_up(x - h, step=step, group=group)
+            # (2) worker i: h_i <- h_i + c_i
+            h += c_local
         # (3) server: ghat <- ghat + mean_i c_i
         ghat += mean_c
         # (4) server: ctil = C(ghat - gtil), sent to every worker
         _, ctil = self.send_down(ghat - gtil[self.server_slice()], step=step, group=group)
         # (5) worker i: gtil <- gtil + ctil
         gtil += ctil
+        return gtil
+
+    def _fused_exchange(self, x: torch.Tensor, h: torch.Tensor, ghat: torch.Tensor, gtil: torch.Tensor) -> torch.Tensor:
+        """Steps (1)-(5) with the fused CPU kernels: the same collectives, the same bits as the eager lines."""
+        lay, n, me, width = self.layout, self.layout.world_size, self.rank, self._wire_nbytes(x.dtype)
+        # (1) + (2): c_i = C(g_i - h_i) straight into the wire messages; h_i += c_i
+        send = kernels.markov_worker_step(x, h, lay, width)
+        recv = self.transport.all_to_all(send).view(n, -1)
+        self._count(_UP, send.numel(), width)
+        # (3) ghat += mean_i c_i (decoded and averaged in rank order)
+        kernels.decode_mean_add(recv, ghat, lay, me)
+        # (4) ctil = C(ghat - gtil) for this rank's shard, gathered by every worker
+        wire = kernels.markov_encode(ghat, gtil[lay.shard_slice(me)], lay, me, width)
+        down = self.transport.all_gather(wire).view(n, -1)
+        self._count(_DOWN, wire.numel(), width)
+        # (5) gtil += ctil, shard by shard
+        for j in range(n):
+            kernels.decode_mean_add(down[j : j + 1], gtil[lay.shard_slice(j)], lay, j)
         return gtil
 
 

@@ -1,0 +1,196 @@
+"""Fused CPU kernels, compiled on first use; the eager torch path stays the reference and the fallback.
+
+``markov_worker_step`` does CD-Adam's whole worker step (``d = g - h``; block L1 scales; signs
+packed into the wire message; ``h += C(d)``) in one fused pass over the buffer; ``decode_mean_add``
+the server's decode-and-average (``ghat += mean_i C_i``) and the worker's ``gtil += ctil``;
+``markov_encode`` the server's message down. All give bit-identical results to the eager path
+(``exchange.MarkovExchange``). They apply to CPU fp32/fp64 buffers,
+the ``scaled_sign`` compressor with ``worker_scale_scope="block"`` and a ``block_size`` that is a
+multiple of 8 and splits every shard into at least two blocks (a one-block shard's eager scale
+uses torch's vectorised sum, whose order a kernel cannot reproduce).
+
+The kernel is a plain C++ file built with the system's ``g++`` into a cache folder
+(``$DEEPSPEED_CDADAM_CACHE``, default ``~/.cache/deepspeed_cdadam``) keyed by the source, the
+compiler and the CPU, and loaded with ctypes: no torch headers, under a second to build.
+``DEEPSPEED_CDADAM_KERNELS`` chooses: ``auto`` (default: fused where it applies and builds, else
+eager, with one warning if the build fails), ``eager`` (never fused), ``fused`` (raise if it cannot build).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from ..comm.layout import ShardLayout
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("markov_sign.cpp")
+MODES = ("auto", "eager", "fused")
+# No -ffast-math and no FMA contraction: every operation must round exactly as torch's eager ones.
+CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-march=native", "-ffp-contract=off", "-pthread")
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
+
+
+class KernelUnavailableError(RuntimeError):
+    """The fused kernel cannot be built or loaded here."""
+
+
+def mode() -> str:
+    value = os.environ.get("DEEPSPEED_CDADAM_KERNELS", "auto")
+    if value not in MODES:
+        raise ValueError(f"Invalid DEEPSPEED_CDADAM_KERNELS={value!r}. Allowed: {', '.join(MODES)}.")
+    return value
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("DEEPSPEED_CDADAM_CACHE", Path.home() / ".cache" / "deepspeed_cdadam"))
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+@cache
+def _library() -> ctypes.CDLL:
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        raise KernelUnavailableError("no C++ compiler (g++) found: install one, or set DEEPSPEED_CDADAM_KERNELS=eager.")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256((SOURCE.read_text() + version + _cpu_id() + " ".join(CXXFLAGS)).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"markov_sign_{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / "lib.so"
+            result = subprocess.run(
+                [compiler, *CXXFLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=False
+            )
+            if result.returncode != 0:
+                raise KernelUnavailableError(f"building {SOURCE.name} failed:\n{result.stderr[-2000:]}")
+            os.replace(built, target)  # atomic: concurrent ranks may build at once, one file wins
+    lib = ctypes.CDLL(str(target))
+    fn = lib.cdadam_markov_worker_step
+    fn.restype = ctypes.c_int
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [ctypes.c_int, p, p, i64, p, p, i64, i64, i64, p, ctypes.c_int, ctypes.c_int]
+    decode = lib.cdadam_decode_mean_add
+    decode.restype = ctypes.c_int
+    decode.argtypes = [ctypes.c_int, p, i64, i64, i64, i64, i64, p, ctypes.c_int]
+    return lib
+
+
+_warned = False
+
+
+def available() -> bool:
+    """Whether the fused kernel may be used (mode, and it builds); warns once in ``auto`` mode."""
+    global _warned
+    if mode() == "eager":
+        return False
+    try:
+        _library()
+        return True
+    except KernelUnavailableError as err:
+        if mode() == "fused":
+            raise
+        if not _warned:
+            logger.warning("Fused CPU kernel unavailable, using the eager torch path: %s", err)
+            _warned = True
+        return False
+
+
+def markov_applies(layout: ShardLayout, g: torch.Tensor) -> bool:
+    """Whether ``markov_worker_step`` computes exactly what the eager path does for this layout and buffer."""
+    return (
+        g.device.type == "cpu"
+        and g.dtype in _DTYPE_CODES
+        and layout.block_size is not None
+        and layout.block_size % 8 == 0
+        and all(len(layout.shard_blocks(j)) > 1 for j in range(layout.world_size))
+    )
+
+
+def markov_worker_step(
+    g: torch.Tensor, h: torch.Tensor, layout: ShardLayout, wire_width: int, *, update: bool = True
+) -> torch.Tensor:
+    """Fused ``c = C(g - h)``; ``h += c``; returns the ``world_size`` wire messages concatenated (uint8).
+
+    Message ``j`` (``wire_width`` bytes) is shard ``j``'s: ``[ceil(capacity/8) bytes of signs | scales]``,
+    byte for byte what ``ScaledSign.to_wire`` writes. ``h`` is updated in place unless ``update=False``.
+    """
+    if not (g.is_contiguous() and h.is_contiguous() and g.dtype == h.dtype and g.numel() == h.numel() == layout.numel):
+        raise ValueError("markov_worker_step needs contiguous g and h of one dtype and the layout's length.")
+    wire = torch.zeros(layout.world_size * wire_width, dtype=torch.uint8)
+    offsets = torch.tensor(layout.shard_offsets, dtype=torch.int64)
+    sizes = torch.tensor(layout.shard_sizes, dtype=torch.int64)
+    code = _library().cdadam_markov_worker_step(
+        _DTYPE_CODES[g.dtype],
+        g.data_ptr(),
+        h.data_ptr(),
+        layout.world_size,
+        offsets.data_ptr(),
+        sizes.data_ptr(),
+        layout.block_size,
+        wire_width,
+        (layout.capacity + 7) // 8,
+        wire.data_ptr(),
+        int(update),
+        torch.get_num_threads(),
+    )
+    if code != 0:
+        raise RuntimeError(f"cdadam_markov_worker_step returned {code}")
+    return wire
+
+
+def markov_encode(g: torch.Tensor, h: torch.Tensor, layout: ShardLayout, shard: int, wire_width: int) -> torch.Tensor:
+    """Shard ``shard``'s wire message of ``C(g - h)`` (``g``, ``h``: that shard's coordinates); nothing is updated."""
+    size = layout.shard_sizes[shard]
+    one = ShardLayout(size, 1, layout.block_size)  # the same blocks (they start at the shard's start)
+    wire = torch.zeros(wire_width, dtype=torch.uint8)
+    offsets, sizes = torch.zeros(1, dtype=torch.int64), torch.tensor([size], dtype=torch.int64)
+    if not (g.is_contiguous() and h.is_contiguous() and g.numel() == h.numel() == size):
+        raise ValueError("markov_encode needs contiguous g and h of the shard's length.")
+    code = _library().cdadam_markov_worker_step(
+        _DTYPE_CODES[g.dtype], g.data_ptr(), h.data_ptr(), 1, offsets.data_ptr(), sizes.data_ptr(),
+        one.block_size, wire_width, (layout.capacity + 7) // 8, wire.data_ptr(), 0, torch.get_num_threads(),
+    )  # fmt: skip
+    if code != 0:
+        raise RuntimeError(f"cdadam_markov_worker_step returned {code}")
+    return wire
+
+
+def decode_mean_add(messages: torch.Tensor, out: torch.Tensor, layout: ShardLayout, shard: int) -> None:
+    """``out += mean_k C_k`` for the scaled-sign messages (rows of ``messages``) of shard ``shard``.
+
+    The mean is summed in row order and divided by the row count, as ``mean_in_rank_order``; one
+    row adds the decoded message itself. ``out`` is that shard's coordinates.
+    """
+    size = layout.shard_sizes[shard]
+    if not (messages.dtype == torch.uint8 and messages.dim() == 2 and messages.is_contiguous()):
+        raise ValueError("decode_mean_add needs a contiguous 2-D uint8 tensor of messages (one per row).")
+    if not (out.is_contiguous() and out.numel() == size and out.dtype in _DTYPE_CODES):
+        raise ValueError("decode_mean_add needs a contiguous fp32/fp64 out of the shard's length.")
+    if size == 0:
+        return
+    code = _library().cdadam_decode_mean_add(
+        _DTYPE_CODES[out.dtype], messages.data_ptr(), messages.shape[0], messages.shape[1], size,
+        layout.block_size or size, (layout.capacity + 7) // 8, out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if code != 0:
+        raise RuntimeError(f"cdadam_decode_mean_add returned {code}")

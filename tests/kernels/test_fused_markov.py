@@ -1,0 +1,119 @@
+"""The fused CPU kernel for CD-Adam's worker step equals the eager torch path bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepspeed_cdadam import CDAdam, InProcessWorld, kernels
+from deepspeed_cdadam.comm.layout import ShardLayout
+from deepspeed_cdadam.compressors import ScaledSignL1
+from deepspeed_cdadam.exchange import make_exchange
+
+if not kernels.available():
+    pytest.skip("the fused kernel does not build here (no g++)", allow_module_level=True)
+
+
+def eager_worker_step(g, h, layout):
+    """Steps (1)-(2) exactly as MarkovExchange's eager path: wire messages and the new h."""
+    comp, d = ScaledSignL1(), g - h
+    wires, local = [], []
+    for j in range(layout.world_size):
+        c = comp.compress(d[layout.shard_slice(j)], layout.shard_blocks(j))
+        wires.append(comp.to_wire(c, layout.capacity, layout.max_blocks, g.dtype))
+        local.append(comp.decompress(c, dtype=g.dtype))
+    return torch.cat(wires), h + torch.cat(local)
+
+
+@pytest.mark.parametrize(
+    "numel,world,block,dtype",
+    [
+        (100_003, 1, 2048, torch.float32),  # a short last block
+        (100_003, 3, 16, torch.float64),  # uneven shards, shard lengths not multiples of 8
+        (50_001, 4, 8, torch.float32),
+        (16, 1, 8, torch.float32),
+        (8 * 2048 * 3 + 5, 2, 2048, torch.float32),  # whole 8-block tiles plus a tail
+    ],
+)
+def test_fused_equals_eager(numel, world, block, dtype):
+    layout = ShardLayout(numel, world, block)
+    assert kernels.markov_applies(layout, torch.empty(0, dtype=dtype))
+    gen = torch.Generator().manual_seed(numel)
+    g = torch.randn(numel, generator=gen, dtype=dtype) * torch.rand(numel, generator=gen, dtype=dtype) * 100
+    h = torch.randn(numel, generator=gen, dtype=dtype)
+    g[::97] = h[::97]  # zero deltas: sign(0) = +1
+    g[5], h[5] = -0.0, 0.0  # a -0.0 delta: also +1 (eager tests x >= 0)
+    width = ScaledSignL1().wire_nbytes(layout.capacity, layout.max_blocks, dtype)
+    want_wire, want_h = eager_worker_step(g, h, layout)
+    got_h = h.clone()
+    got_wire = kernels.markov_worker_step(g, got_h, layout, width)
+    assert torch.equal(got_wire, want_wire)
+    assert torch.equal(got_h, want_h)
+
+
+def test_nan_delta_matches_eager():
+    layout = ShardLayout(64, 1, 8)
+    g, h = torch.randn(64), torch.zeros(64)
+    g[3] = float("nan")
+    want_wire, want_h = eager_worker_step(g, h, layout)
+    got_h = h.clone()
+    got_wire = kernels.markov_worker_step(g, got_h, layout, ScaledSignL1().wire_nbytes(64, 8, torch.float32))
+    assert torch.equal(got_wire, want_wire)
+    assert torch.equal(got_h.isnan(), want_h.isnan()) and torch.equal(got_h.nan_to_num(), want_h.nan_to_num())
+
+
+@pytest.mark.parametrize(
+    "layout,applies",
+    [
+        (ShardLayout(4096, 2, 8), True),
+        (ShardLayout(4096, 2, None), False),  # one block per shard: torch's vectorised sum order
+        (ShardLayout(4096, 2, 12), False),  # blocks not byte-aligned
+        (ShardLayout(4096, 2, 2048), False),  # each shard a single block
+    ],
+)
+def test_applies_only_where_exact(layout, applies):
+    assert kernels.markov_applies(layout, torch.empty(0)) is applies
+
+
+def _trajectory(rank, transport, dtype=torch.float32, numel=5003, steps=12):
+    p = torch.nn.Parameter(torch.linspace(-1, 1, numel, dtype=dtype))
+    opt = CDAdam([p], lr=1e-2, block_size=64, transport=transport)
+    for t in range(steps):
+        p.grad = torch.randn(numel, generator=torch.Generator().manual_seed(100 * t + rank), dtype=dtype)
+        opt.step()
+    ex = next(iter(opt._exchanges.values()))
+    state = opt.state[p]
+    return (
+        p.detach().clone(),
+        [state[k].clone() for k in sorted(state) if torch.is_tensor(state[k])],
+        ex.uses_fused_kernel(p.grad, p.grad),
+    )
+
+
+@pytest.mark.parametrize(
+    "world,dtype", [(1, torch.float32), (2, torch.float64), (3, torch.float32), (4, torch.float32)]
+)
+def test_optimizer_fused_equals_eager(monkeypatch, world, dtype):
+    """Whole CD-Adam steps (worker step, server decode-average-encode, decode down): every state tensor equal."""
+    fused = InProcessWorld(world).run(lambda r, tr: _trajectory(r, tr, dtype))
+    monkeypatch.setenv("DEEPSPEED_CDADAM_KERNELS", "eager")
+    eager = InProcessWorld(world).run(lambda r, tr: _trajectory(r, tr, dtype))
+    assert all(f[2] for f in fused) and not any(e[2] for e in eager)
+    for f, e in zip(fused, eager):
+        assert torch.equal(f[0], e[0])
+        assert len(f[1]) == 6 and all(torch.equal(a, b) for a, b in zip(f[1], e[1]))
+
+
+def test_bad_mode_is_named(monkeypatch):
+    monkeypatch.setenv("DEEPSPEED_CDADAM_KERNELS", "fast")
+    with pytest.raises(ValueError, match=r"Invalid DEEPSPEED_CDADAM_KERNELS='fast'\. Allowed: auto, eager, fused\."):
+        kernels.available()
+
+
+def test_exchange_without_kernel_uses_eager(monkeypatch):
+    layout = ShardLayout(4096, 1, 8)
+    ex = make_exchange("markov", InProcessWorld(1).transports[0], layout, ScaledSignL1())
+    x = torch.zeros(4096)
+    assert ex.uses_fused_kernel(x, x)
+    monkeypatch.setenv("DEEPSPEED_CDADAM_KERNELS", "eager")
+    assert not ex.uses_fused_kernel(x, x)
