@@ -5,8 +5,9 @@
 Each world size runs as gloo processes on this machine (loopback: the network is not the
 bottleneck here, so times show the compute cost of compression; see emulated_cluster.py for a
 rate-limited network). For every buffer size it times, per step and on the same random buffer:
-an fp32 ``all_reduce`` (what Adam sends), CD-Adam's exchange (Markov, scaled sign, both ways) and
-1-bit Adam's compressed phase (error feedback, L2 sign). Bytes are what one rank sends under
+an fp32 ``all_reduce`` (what Adam sends), 1-bit Adam's compressed phase (error feedback, L2 sign),
+and CD-Adam's exchange (Markov, scaled sign, both ways) with blocks of 2048 (fused CPU kernels) and
+with one scale per shard (the paper's layout, eager torch). Bytes are what one rank sends under
 ring/pairwise collectives, counted by the code (``CommStats``). Writes
 ``benchmarks/results/collective.csv`` and ``collective.png`` and prints a table with ratios.
 """
@@ -18,9 +19,8 @@ import csv
 import datetime
 import os
 import platform
-import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
@@ -28,24 +28,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from deepspeed_cdadam.comm import CommStats, ShardLayout, TorchDistributedTransport
-from deepspeed_cdadam.comm.accounting import all_reduce_bytes_sent
-from deepspeed_cdadam.compressors import get_compressor
-from deepspeed_cdadam.exchange import make_exchange
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from exchange_methods import METHODS, time_methods
 
-RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("fp32 all-reduce (Adam)", "1-bit Adam compressed phase", "CD-Adam")
-
-
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up: allocations, first-touch
-    samples = []
-    for _ in range(repeats):
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _rank(rank: int, world: int, init: str, sizes: list[int], repeats: int, out: str) -> None:
@@ -53,36 +39,7 @@ def _rank(rank: int, world: int, init: str, sizes: list[int], repeats: int, out:
     dist.init_process_group(
         "gloo", init_method=f"file://{init}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600)
     )
-    transport = TorchDistributedTransport(timeout_s=600)
-    rows = []
-    for numel in sizes:
-        x = torch.randn(numel, generator=torch.Generator().manual_seed(rank))
-        layout = ShardLayout(numel, world)
-        seconds = {METHODS[0]: _time(lambda x=x: dist.all_reduce(x.clone()), repeats)}
-        sent = {METHODS[0]: all_reduce_bytes_sent(4 * numel, world)}
-        for method, scheme, comp in ((METHODS[1], "error_feedback", "sign_l2"), (METHODS[2], "markov", "scaled_sign")):
-            stats = CommStats()
-            ex = make_exchange(scheme, transport, layout, get_compressor(comp), stats)
-            state: dict = {}
-            ex.init_state(state, torch.zeros(numel))
-            steps = [0]
-
-            def step(ex=ex, state=state, steps=steps, x=x):
-                steps[0] += 1
-                ex.exchange(x, state, step=steps[0])
-
-            seconds[method] = _time(step, repeats)
-            sent[method] = stats.bytes_sent / steps[0]
-        for method in METHODS:
-            rows.append(
-                {
-                    "world_size": world,
-                    "numel": numel,
-                    "method": method,
-                    "seconds": seconds[method],
-                    "bytes_sent_per_rank": sent[method],
-                }
-            )
+    rows = [row for numel in sizes for row in time_methods(numel, repeats)]
     if rank == 0:
         torch.save(rows, out)
     dist.barrier()
@@ -94,6 +51,7 @@ def main() -> None:
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7, 1e8])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="folder for the CSV, text and PNG")
     args = parser.parse_args()
     rows = []
     for world in args.world_sizes:
@@ -107,8 +65,8 @@ def main() -> None:
             out = os.path.join(tmp, "rows.pt")
             mp.spawn(_rank, args=(world, os.path.join(tmp, "init"), sizes, args.repeats, out), nprocs=world)
             rows += torch.load(out)
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / "collective.csv", "w", newline="") as fh:
+    args.results.mkdir(parents=True, exist_ok=True)
+    with open(args.results / "collective.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -130,10 +88,10 @@ def main() -> None:
             f"{r['bytes_sent_per_rank'] / 1e6:>9.2f} {r['bytes_sent_per_rank'] / base['bytes_sent_per_rank']:>13.4f} "
             f"{r['seconds'] / base['seconds']:>11.2f}x"
         )
-    _plot(rows)
+    _plot(rows, args.results)
 
 
-def _plot(rows: list[dict]) -> None:
+def _plot(rows: list[dict], results: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,7 +100,7 @@ def _plot(rows: list[dict]) -> None:
     worlds = sorted({r["world_size"] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for world, style in zip(worlds, ("-", "--", ":")):
-        for method, color in zip(METHODS, ("C0", "C1", "C2")):
+        for method, color in zip(METHODS, ("C0", "C1", "C2", "C3")):
             pts = sorted((r["numel"], r) for r in rows if r["world_size"] == world and r["method"] == method)
             xs = [n for n, _ in pts]
             axes[0].plot(
@@ -164,7 +122,7 @@ def _plot(rows: list[dict]) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "collective.png", dpi=120)
+    fig.savefig(results / "collective.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from deepspeed_cdadam.comm.layout import ShardLayout
 from deepspeed_cdadam.compressors import ScaledSignL1, pack_signs, unpack_signs
 from deepspeed_cdadam.compressors.sign import l1_block_scales
 
-RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 3.0
 
 
@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--block-size", type=int, default=2048)
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="folder for the CSV, text and PNG")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n = int(args.numel)
@@ -106,8 +107,11 @@ def main() -> None:
     }
     copy = timings["copy (reference)"]
     lines = [
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, "
-        f"torch {torch.__version__}; {n:,} fp32; copy {copy * 1e3:.1f} ms = {2 * 4 * n / copy / 1e9:.1f} GB/s (read + write)",
+        (
+            f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, "
+            f"torch {torch.__version__}; {n:,} fp32; copy {copy * 1e3:.1f} ms = {2 * 4 * n / copy / 1e9:.1f} GB/s"
+            " (read + write)"
+        ),
         f"fused kernel == eager path, bit for bit (wire bytes and Markov state): {identical}",
         f"{'piece':<52} {'ms':>8} {'GB/s in':>8} {'x copy':>7}",
     ]
@@ -122,9 +126,9 @@ def main() -> None:
         f"fused worker step = {step:.1f}x copy ({eager / step:.1f}x faster than eager): {verdict} the target of {TARGET:.0f}x"
     )
     print("\n".join(lines))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "kernels.txt").write_text("\n".join(lines) + "\n")
-    with open(RESULTS / "kernels.csv", "w", newline="") as fh:
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "kernels.txt").write_text("\n".join(lines) + "\n")
+    with open(args.results / "kernels.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -136,7 +140,7 @@ def main() -> None:
     ax.invert_yaxis()
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "kernels.png", dpi=110)
+    fig.savefig(args.results / "kernels.png", dpi=110)
 
 
 if __name__ == "__main__":

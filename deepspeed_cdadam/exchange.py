@@ -40,11 +40,11 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from . import kernels
 from .comm.accounting import CommStats, all_gather_bytes_sent, all_reduce_bytes_sent, all_to_all_bytes_sent
 from .comm.layout import ShardLayout
 from .comm.transport import Transport
 from .compressors.base import Compressor
-from . import kernels
 from .compressors.sign import ScaledSign, ScaledSignL1
 from .types import DOWN_MARKOV_STATE, MARKOV_STATE, SERVER_ERROR, SERVER_MARKOV_STATE, WORKER_ERROR
 

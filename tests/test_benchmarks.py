@@ -1,0 +1,76 @@
+"""The benchmark scripts run end to end on tiny sizes (so they cannot rot) and report values that must hold.
+
+Timings are not checked here (benchmarks print ratios; tests never time); what the code could get
+wrong is: the fused kernel's equality check, the byte counts, the CSV layout, the teardown.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.launch import ROOT
+
+
+def run_benchmark(script: str, *args: str, timeout: float = 300) -> str:
+    out = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    return out.stdout
+
+
+def read_csv(path) -> list[dict]:
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_kernels_benchmark(tmp_path):
+    text = run_benchmark("kernels.py", "--numel", "2e5", "--repeats", "1", "--threads", "1", "--results", str(tmp_path))
+    assert "fused kernel == eager path, bit for bit (wire bytes and Markov state): True" in text
+    rows = read_csv(tmp_path / "kernels.csv")
+    assert rows[0]["piece"] == "copy (reference)" and float(rows[0]["times_copy"]) == 1.0
+    assert any(r["piece"].startswith("worker step, fused kernel") for r in rows)
+    assert (tmp_path / "kernels.png").stat().st_size > 0
+
+
+def test_collective_benchmark_bytes(tmp_path):
+    run_benchmark("collective.py", "--world-sizes", "2", "--sizes", "1e5", "--repeats", "1", "--results", str(tmp_path))
+    rows = {r["method"]: float(r["bytes_sent_per_rank"]) for r in read_csv(tmp_path / "collective.csv")}
+    fp32 = rows.pop("fp32 all-reduce (Adam)")
+    assert fp32 == 4 * 100_000  # ring all-reduce, 2 ranks: 2 (n-1)/n x 4 bytes x numel
+    assert set(rows) == {
+        "1-bit Adam compressed phase",
+        "CD-Adam (block 2048, fused)",
+        "CD-Adam (one scale per shard, eager)",
+    }
+    assert all(b <= fp32 / 28 for b in rows.values())
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="network namespaces need root")
+def test_emulated_cluster_runs_and_cleans_up(tmp_path):
+    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    text = run_benchmark(
+        "emulated_cluster.py", "--numel", "1e5", "--rates", "1gbit", "--repeats", "1", "--results", str(tmp_path)
+    )
+    if "skipped" in text:
+        pytest.skip(text.strip())
+    rows = read_csv(tmp_path / "emulated_cluster.csv")
+    assert {r["method"] for r in rows} == {
+        "fp32 all-reduce (Adam)", "1-bit Adam compressed phase", "CD-Adam (block 2048, fused)",
+        "CD-Adam (one scale per shard, eager)",
+    }  # fmt: skip
+    assert all(r["rate"] == "1gbit" and float(r["seconds"]) > 0 for r in rows)
+    after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert after == before  # every namespace removed
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    assert "cdbr" not in links and "cdv" not in links
