@@ -71,20 +71,25 @@ def _library() -> ctypes.CDLL:
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         raise KernelUnavailableError("no C++ compiler (g++) found: install one, or set DEEPSPEED_CDADAM_KERNELS=eager.")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256((SOURCE.read_text() + version + _cpu_id() + " ".join(CXXFLAGS)).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"markov_sign_{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / "lib.so"
-            result = subprocess.run(
-                [compiler, *CXXFLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=False
-            )
-            if result.returncode != 0:
-                raise KernelUnavailableError(f"building {SOURCE.name} failed:\n{result.stderr[-2000:]}")
-            os.replace(built, target)  # atomic: concurrent ranks may build at once, one file wins
-    lib = ctypes.CDLL(str(target))
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+        key = hashlib.sha256((SOURCE.read_text() + version + _cpu_id() + " ".join(CXXFLAGS)).encode()).hexdigest()
+        target = _cache_dir() / f"markov_sign_{key[:16]}.so"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / "lib.so"
+                result = subprocess.run(
+                    [compiler, *CXXFLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, check=False
+                )
+                if result.returncode != 0:
+                    raise KernelUnavailableError(f"building {SOURCE.name} failed:\n{result.stderr[-2000:]}")
+                os.replace(built, target)  # atomic: concurrent ranks may build at once, one file wins
+        lib = ctypes.CDLL(str(target))
+    except OSError as err:  # an unwritable cache folder, a library that does not load
+        raise KernelUnavailableError(
+            f"{type(err).__name__}: {err} (set DEEPSPEED_CDADAM_CACHE to a writable folder)"
+        ) from err
     fn = lib.cdadam_markov_worker_step
     fn.restype = ctypes.c_int
     p, i64 = ctypes.c_void_p, ctypes.c_int64
@@ -95,24 +100,25 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
-_warned = False
+_failure: KernelUnavailableError | None = None  # the first build failure, remembered (never retried per step)
 
 
 def available() -> bool:
-    """Whether the fused kernel may be used (mode, and it builds); warns once in ``auto`` mode."""
-    global _warned
+    """Whether the fused kernels may be used (mode, and they build); warns once in ``auto`` mode."""
+    global _failure
     if mode() == "eager":
         return False
-    try:
-        _library()
-        return True
-    except KernelUnavailableError as err:
-        if mode() == "fused":
-            raise
-        if not _warned:
-            logger.warning("Fused CPU kernel unavailable, using the eager torch path: %s", err)
-            _warned = True
-        return False
+    if _failure is None:
+        try:
+            _library()
+            return True
+        except KernelUnavailableError as err:
+            _failure = err
+            if mode() == "auto":
+                logger.warning("Fused CPU kernel unavailable, using the eager torch path: %s", err)
+    if mode() == "fused":
+        raise _failure
+    return False
 
 
 def markov_applies(layout: ShardLayout, g: torch.Tensor) -> bool:

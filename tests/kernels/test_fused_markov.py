@@ -117,3 +117,20 @@ def test_exchange_without_kernel_uses_eager(monkeypatch):
     assert ex.uses_fused_kernel(x, x)
     monkeypatch.setenv("DEEPSPEED_CDADAM_KERNELS", "eager")
     assert not ex.uses_fused_kernel(x, x)
+
+
+def test_unbuildable_kernel_falls_back_with_one_warning(monkeypatch, tmp_path, caplog):
+    """auto: an unwritable cache (or no compiler) means the eager path and a warning; fused: an error."""
+    monkeypatch.setenv("DEEPSPEED_CDADAM_CACHE", str(tmp_path / "file" / "sub"))
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setattr(kernels, "_failure", None)
+    kernels._library.cache_clear()
+    try:
+        assert not kernels.available()
+        assert not kernels.available()  # remembered: no second build attempt, no second warning
+        assert caplog.text.count("Fused CPU kernel unavailable, using the eager torch path") == 1
+        monkeypatch.setenv("DEEPSPEED_CDADAM_KERNELS", "fused")
+        with pytest.raises(kernels.KernelUnavailableError, match="DEEPSPEED_CDADAM_CACHE"):
+            kernels.available()
+    finally:
+        kernels._library.cache_clear()
