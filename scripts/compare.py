@@ -78,8 +78,8 @@ def studies(quick: bool) -> list[Study]:
             "bert_mlm",
             "bert-mlm",
             "bert",
-            int(300 * scale),
-            32,
+            int(600 * scale),
+            16,
             ("--size", "tiny", "--eval-every", str(int(100 * scale)), "--eval-examples", "256"),
         ),
     ]
@@ -109,12 +109,14 @@ def run(
     steps = steps or study.steps
     tag = f"{study.name}/{optimizer}" + (f"_lr{lr:g}" if lr is not None else "")
     out = results / "compare" / tag
-    if (out / "summary.json").exists() and not fresh:
-        print(f"[compare] {tag}: done before, kept")
-        return out
     config = write_config(
         study, optimizer, lr, steps, results / "compare" / "configs" / f"{tag.replace('/', '_')}.json"
     )
+    if (out / "summary.json").exists() and not fresh:
+        done = json.loads((out / "summary.json").read_text())
+        if done["steps"] == steps and done["config"] == json.loads(config.read_text()):
+            print(f"[compare] {tag}: done before with these settings, kept")
+            return out
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [
         str(launcher),
@@ -156,15 +158,26 @@ def bytes_to_reach(rows: list[dict], target: float) -> float | None:
     return None
 
 
+def diverged(rows: list[dict]) -> bool:
+    """Final EMA training loss above the first step's loss."""
+    return ema([r["loss"] for r in rows])[-1] >= rows[0]["loss"]
+
+
 def plot_study(study: Study, runs: dict[str, list[dict]], results: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for opt, rows in runs.items():
         steps = [r["step"] for r in rows]
         mb = [r["bytes_total"] / 1e6 for r in rows]
-        axes[0].plot(steps, ema([r["loss"] for r in rows]), label=LABELS[opt])
-        axes[1].plot(mb, ema([r["loss"] for r in rows]), label=LABELS[opt])
+        label = LABELS[opt] + (" (diverged)" if diverged(rows) else "")
+        axes[0].plot(steps, ema([r["loss"] for r in rows]), label=label)
+        axes[1].plot(mb, ema([r["loss"] for r in rows]), label=label)
         evals = [(r["bytes_total"] / 1e6, r["test_acc"]) for r in rows if r["test_acc"] is not None]
-        axes[2].plot(*zip(*evals), marker="o", label=LABELS[opt])
+        axes[2].plot(*zip(*evals), marker="o", label=label)
+    # the loss axes show the runs that trained; a diverged run leaves the top of the plot
+    kept = [ema([r["loss"] for r in rows]) for rows in runs.values() if not diverged(rows)]
+    low, high = min(min(k) for k in kept), max(max(k) for k in kept)
+    for ax in axes[:2]:
+        ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
     axes[0].set(xlabel="step", ylabel=f"training loss (EMA {EMA_STEPS})", title=f"{study.task}: loss vs steps")
     axes[1].set(
         xlabel="MB sent by one rank (log)", ylabel="training loss (EMA)", xscale="log", title="loss vs bytes sent"
@@ -182,8 +195,8 @@ def plot_study(study: Study, runs: dict[str, list[dict]], results: Path) -> None
 
 def table(study: Study, runs: dict[str, list[dict]], summaries: dict[str, dict]) -> list[str]:
     finals = {opt: ema([r["loss"] for r in rows])[-1] for opt, rows in runs.items()}
-    diverged = [opt for opt, rows in runs.items() if finals[opt] >= rows[0]["loss"]]
-    target = max(finals[opt] for opt in runs if opt != "ef21" and opt not in diverged)
+    failed = [opt for opt, rows in runs.items() if diverged(rows)]
+    target = max(finals[opt] for opt in runs if opt != "ef21" and opt not in failed)
     reach = {opt: bytes_to_reach(rows, target) for opt, rows in runs.items()}
     cd = reach.get("cdadam")
     lines = [
@@ -191,7 +204,7 @@ def table(study: Study, runs: dict[str, list[dict]], summaries: dict[str, dict])
         "",
         f"Target loss L = {target:.4f} (worst final EMA training loss among the Adam-type optimizers that did "
         "not diverge)."
-        + (f" Diverged (final loss above the first): {', '.join(LABELS[o] for o in diverged)}." if diverged else ""),
+        + (f" Diverged (final loss above the first): {', '.join(LABELS[o] for o in failed)}." if failed else ""),
         "",
         "| optimizer | final train loss (EMA) | test loss | test acc | MB sent (total) | MB sent to reach L | vs CD-Adam | wall s |",
         "|---|---|---|---|---|---|---|---|",
