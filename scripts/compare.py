@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OPTIMIZERS = ("cdadam", "onebitadam", "adam", "amsgrad", "ef21")
 LABELS = {
     "cdadam": "CD-Adam",
+    "cdadam_block256": "CD-Adam, block 256",
     "onebitadam": "1-bit Adam",
     "adam": "Adam (fp32)",
     "amsgrad": "AMSGrad (fp32, CD-Adam's rule)",
@@ -51,6 +52,7 @@ class Study:
     steps: int
     micro_batch: int
     flags: tuple[str, ...]
+    extra_optimizers: tuple[str, ...] = ()  # configs beyond OPTIMIZERS, e.g. a CD-Adam variant
 
 
 def studies(quick: bool) -> list[Study]:
@@ -81,6 +83,7 @@ def studies(quick: bool) -> list[Study]:
             int(600 * scale),
             16,
             ("--size", "tiny", "--eval-every", str(int(100 * scale)), "--eval-examples", "256"),
+            ("cdadam_block256",),
         ),
     ]
 
@@ -197,7 +200,8 @@ def table(study: Study, runs: dict[str, list[dict]], summaries: dict[str, dict])
     finals = {opt: ema([r["loss"] for r in rows])[-1] for opt, rows in runs.items()}
     failed = [opt for opt, rows in runs.items() if diverged(rows)]
     target = max(finals[opt] for opt in runs if opt != "ef21" and opt not in failed)
-    reach = {opt: bytes_to_reach(rows, target) for opt, rows in runs.items()}
+    # a diverged run may pass L on its way up: it does not count as having reached it
+    reach = {opt: None if opt in failed else bytes_to_reach(rows, target) for opt, rows in runs.items()}
     cd = reach.get("cdadam")
     lines = [
         f"### {study.task} ({summaries['cdadam']['params']:,} params, 2 ranks, {study.steps} steps, micro batch {study.micro_batch})",
@@ -215,7 +219,7 @@ def table(study: Study, runs: dict[str, list[dict]], summaries: dict[str, dict])
         ratio = f"{r / cd:.1f}x" if r is not None and cd else "—"
         lines.append(
             f"| {LABELS[opt]} | {ema([x['loss'] for x in rows])[-1]:.4f} | {s['test_loss']:.4f} | {s['test_acc']:.4f} | "
-            f"{s['bytes_total'] / 1e6:.1f} | {f'{r / 1e6:.1f}' if r is not None else 'not reached'} | {ratio} | {s['wall_s']:.0f} |"
+            f"{s['bytes_total'] / 1e6:.1f} | {f'{r / 1e6:.1f}' if r is not None else ('diverged' if opt in failed else 'not reached')} | {ratio} | {s['wall_s']:.0f} |"
         )
     return lines + [""]
 
@@ -276,7 +280,7 @@ def main() -> None:
     all_studies = studies(args.quick)
     for study in all_studies:
         runs, summaries = {}, {}
-        for opt in OPTIMIZERS:
+        for opt in OPTIMIZERS + study.extra_optimizers:
             folder = run(study, opt, results, fresh=args.fresh)
             runs[opt] = read_rows(folder)
             summaries[opt] = json.loads((folder / "summary.json").read_text())
