@@ -38,6 +38,10 @@ demo: $(STAMP)
 test: $(STAMP) data
 	TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(BIN)/python -m pytest -q -m "not slow and not gpu"
 
+# The head-to-head report (results/): ~35 min on 2 cores; reruns only the runs whose settings changed.
+compare: $(STAMP) data
+	TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(BIN)/python scripts/compare.py
+
 # Long robustness runs (minutes to an hour), not part of `make test`.
 soak: $(STAMP)
 	TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(BIN)/python -m pytest -q -m slow
