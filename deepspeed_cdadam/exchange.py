@@ -217,7 +217,7 @@ class MarkovExchange(CompressedExchange):
     """``markov``: CD-Adam's two Markov compression sequences (module docstring, steps (1)-(5))."""
 
     def uses_fused_kernel(self, x: torch.Tensor, h: torch.Tensor) -> bool:
-        """Steps (1)-(2) run as one fused CPU kernel where it computes exactly the eager result."""
+        """Steps (1)-(5) run on the fused CPU kernels (``kernels``) where they compute exactly the eager result."""
         return (
             type(self.compressor) is ScaledSignL1
             and self.worker_scale_scope == "block"
@@ -238,11 +238,10 @@ class MarkovExchange(CompressedExchange):
         h, ghat, gtil = state[MARKOV_STATE], state[SERVER_MARKOV_STATE], state[DOWN_MARKOV_STATE]
         if self.uses_fused_kernel(x, h):
             return self._fused_exchange(x, h, ghat, gtil)
-        else:
-            # (1) worker i: c_i = C(g_i - h_i), sent to the servers
-            c_local, mean_c = self.send_up(x - h, step=step, group=group)
-            # (2) worker i: h_i <- h_i + c_i
-            h += c_local
+        # (1) worker i: c_i = C(g_i - h_i), sent to the servers
+        c_local, mean_c = self.send_up(x - h, step=step, group=group)
+        # (2) worker i: h_i <- h_i + c_i
+        h += c_local
         # (3) server: ghat <- ghat + mean_i c_i
         ghat += mean_c
         # (4) server: ctil = C(ghat - gtil), sent to every worker

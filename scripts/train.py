@@ -30,10 +30,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tasks import TASKS  # noqa: E402
+from tasks import TASKS
 
-import deepspeed_cdadam  # noqa: E402,F401  (registers CDAdam, OneBitAdam, EF21 with DeepSpeed)
-from deepspeed_cdadam.comm.accounting import all_reduce_bytes_sent  # noqa: E402
+import deepspeed_cdadam  # noqa: F401  (registers CDAdam, OneBitAdam, EF21 with DeepSpeed)
+from deepspeed_cdadam.comm.accounting import all_reduce_bytes_sent
 
 FIELDS = ["step", "lr", "loss", "acc", "bytes_up", "bytes_down", "bytes_total", "wall_s", "test_loss", "test_acc"]
 
@@ -57,7 +57,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--save-dir", default="", help="DeepSpeed checkpoint folder")
     parser.add_argument("--save-every", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --save-dir")
-    parser.add_argument("--stop-at", type=int, default=0, help="stop after this step, as if interrupted (lr schedule still spans --steps)")
+    parser.add_argument(
+        "--stop-at",
+        type=int,
+        default=0,
+        help="stop after this step, as if interrupted (lr schedule still spans --steps)",
+    )
     parser = deepspeed.add_config_arguments(parser)
     args = parser.parse_args()
     for name in ("steps", "eval_examples", "width", "text_limit", "threads"):
@@ -105,6 +110,40 @@ class BytesMeter:
         return up, down
 
 
+class StepLog:
+    """``steps.csv``, written by rank 0 only (``path`` None elsewhere), flushed every row.
+
+    Resuming at step ``first`` keeps the rows before it and drops later ones (written after the
+    checkpoint, before an interruption), so the file reads as if the run never stopped.
+    """
+
+    def __init__(self, path: Path | None, first: int) -> None:
+        self.path, self.first, self.file, self.writer = path, first, None, None
+
+    def __enter__(self) -> StepLog:  # noqa: PYI034
+        if self.path is None:
+            return self
+        kept = []
+        if self.first > 1 and self.path.exists():
+            with open(self.path) as fh:
+                kept = [r for r in csv.DictReader(fh) if int(r["step"]) < self.first]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "w", newline="")  # closed in __exit__
+        self.writer = csv.DictWriter(self.file, FIELDS)
+        self.writer.writeheader()
+        self.writer.writerows(kept)
+        return self
+
+    def write(self, row: dict) -> None:
+        if self.writer is not None:
+            self.writer.writerow(row)
+            self.file.flush()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
 def mean_over_ranks(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t)
@@ -135,7 +174,9 @@ def main() -> None:
     model = task.build_model()
     torch.manual_seed(args.seed * 1000 + rank + 1)  # dropout differs per rank
     engine, _, _, _ = deepspeed.initialize(
-        args=args, model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        args=args,
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
         lr_scheduler=lr_schedule(args),
     )
     meter = BytesMeter(engine)
@@ -148,57 +189,50 @@ def main() -> None:
         first = engine.global_steps + 1
         meter.engine_bytes = client["engine_bytes"]
         wall_before = client["wall_s"]
-    rows_file = None
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        resuming = first > 1 and (out / "steps.csv").exists()
-        if resuming:  # drop rows past the checkpoint (written before a crash), keep the rest
-            with open(out / "steps.csv") as fh:
-                kept = [r for r in csv.DictReader(fh) if int(r["step"]) < first]
-        rows_file = open(out / "steps.csv", "w", newline="")
-        writer = csv.DictWriter(rows_file, FIELDS)
-        writer.writeheader()
-        if resuming:
-            writer.writerows(kept)
-
     start = time.perf_counter() - wall_before
     last = min(args.steps, args.stop_at) if args.stop_at else args.steps
     progress = tqdm(range(first, last + 1), disable=rank != 0, desc=f"{args.task} {engine.optimizer_name()}")
     test_loss = test_acc = float("nan")
-    for step in progress:
-        lr = engine.get_lr()[0]  # the lr this step uses
-        loss, hits, count = task.loss_and_hits(engine, task.train_batch(step, batch_size))
-        engine.backward(loss)
-        engine.step()
-        mean_loss, all_hits, all_count = mean_over_ranks([loss.item(), hits, count])
-        up, down = meter.up_down()
-        row = {
-            "step": step, "lr": lr, "loss": mean_loss / world, "acc": all_hits / all_count,
-            "bytes_up": up, "bytes_down": down, "bytes_total": up + down, "wall_s": time.perf_counter() - start,
-            "test_loss": "", "test_acc": "",
-        }
-        if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
-            test_loss, test_acc = evaluate(engine, task, batch_size)
-            row.update(test_loss=test_loss, test_acc=test_acc)
-        if not math.isfinite(row["loss"]):
-            raise FloatingPointError(f"Training loss is {row['loss']} at step {step}: lower the lr.")
-        if rows_file is not None:
-            writer.writerow(row)
-            rows_file.flush()
+    with StepLog(out / "steps.csv" if rank == 0 else None, first) as log:
+        for step in progress:
+            lr = engine.get_lr()[0]  # the lr this step uses
+            loss, hits, count = task.loss_and_hits(engine, task.train_batch(step, batch_size))
+            engine.backward(loss)
+            engine.step()
+            mean_loss, all_hits, all_count = mean_over_ranks([loss.item(), hits, count])
+            up, down = meter.up_down()
+            row = {
+                "step": step, "lr": lr, "loss": mean_loss / world, "acc": all_hits / all_count,
+                "bytes_up": up, "bytes_down": down, "bytes_total": up + down, "wall_s": time.perf_counter() - start,
+                "test_loss": "", "test_acc": "",
+            }  # fmt: skip
+            if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
+                test_loss, test_acc = evaluate(engine, task, batch_size)
+                row.update(test_loss=test_loss, test_acc=test_acc)
+            if not math.isfinite(row["loss"]):
+                raise FloatingPointError(f"Training loss is {row['loss']} at step {step}: lower the lr.")
+            log.write(row)
             progress.set_postfix(loss=f"{row['loss']:.4f}", MB=f"{(up + down) / 1e6:.1f}")
-        if args.save_every and step % args.save_every == 0:
-            engine.save_checkpoint(args.save_dir, client_state={"engine_bytes": meter.engine_bytes, "wall_s": row["wall_s"]})
+            if args.save_every and step % args.save_every == 0:
+                client = {"engine_bytes": meter.engine_bytes, "wall_s": row["wall_s"]}
+                engine.save_checkpoint(args.save_dir, client_state=client)
 
-    if rank == 0:
-        rows_file.close()
     if rank == 0 and last == args.steps and first <= last:
         up, down = meter.up_down()
         summary = {
-            "task": args.task, "optimizer": engine.optimizer_name(), "world_size": world, "steps": args.steps,
+            "task": args.task,
+            "optimizer": engine.optimizer_name(),
+            "world_size": world,
+            "steps": args.steps,
             "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "final_train_loss": row["loss"], "test_loss": test_loss, "test_acc": test_acc,
-            "bytes_up": up, "bytes_down": down, "bytes_total": up + down, "wall_s": row["wall_s"],
-            "config": json.load(open(args.deepspeed_config)),
+            "final_train_loss": row["loss"],
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "bytes_up": up,
+            "bytes_down": down,
+            "bytes_total": up + down,
+            "wall_s": row["wall_s"],
+            "config": json.loads(Path(args.deepspeed_config).read_text()),
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         print(json.dumps({k: v for k, v in summary.items() if k != "config"}))

@@ -35,7 +35,7 @@ class EF21(CompressedOptimizer):
         params: parameters or parameter groups.
         lr, weight_decay: SGD step size and decoupled weight decay.
         compressor: "topk" (default), "randk", "scaled_sign", "sign_l2", or a ``Compressor``.
-        ratio: kept fraction for "topk" / "randk".
+        ratio: kept fraction for "topk" / "randk" (default 0.01); refused for the others.
         Other keyword arguments: as ``CDAdam`` (block_size, transport, timeout_s, seed, ...).
     """
 
@@ -46,7 +46,7 @@ class EF21(CompressedOptimizer):
         weight_decay: float = 0.0,
         *,
         compressor: str | Compressor = "topk",
-        ratio: float = 0.01,
+        ratio: float | None = None,
         block_size: int | None = None,
         transport: Transport | None = None,
         process_group: object | None = None,
@@ -56,8 +56,10 @@ class EF21(CompressedOptimizer):
         consistency_check_every: int = 0,
     ) -> None:
         validate_adam_hparams(lr, (0.0, 0.0), 1.0, weight_decay)
-        if isinstance(compressor, str) and compressor in ("topk", "randk"):
-            compressor = get_compressor(compressor, ratio=ratio)
+        if isinstance(compressor, str):
+            compressor = get_compressor(compressor, ratio=ratio)  # a ratio for a sign compressor is an error
+        elif ratio is not None:
+            raise ValueError(f"Invalid ratio={ratio!r} with a Compressor instance: the instance carries its own.")
         super().__init__(
             params,
             {"lr": lr, "weight_decay": weight_decay},

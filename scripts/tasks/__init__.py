@@ -54,7 +54,10 @@ class Task:
         idx = []
         while len(idx) < batch_size:
             epoch, offset = divmod(start + len(idx), len(local))
-            perm = torch.randperm(len(local), generator=torch.Generator().manual_seed(1_000_003 * self.args.seed + 7919 * epoch + self.rank))
+            perm = torch.randperm(
+                len(local),
+                generator=torch.Generator().manual_seed(1_000_003 * self.args.seed + 7919 * epoch + self.rank),
+            )
             idx += local[perm[offset : offset + batch_size - len(idx)]].tolist()
         return self.make_batch([t[idx] for t in self.train], step)
 
@@ -70,7 +73,11 @@ class Task:
     def loss_and_hits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int, int]:
         """Mean loss, correct predictions, predictions made."""
         logits = model(batch.inputs["x"])
-        return nn.functional.cross_entropy(logits, batch.labels), int((logits.argmax(-1) == batch.labels).sum()), len(batch.labels)
+        return (
+            nn.functional.cross_entropy(logits, batch.labels),
+            int((logits.argmax(-1) == batch.labels).sum()),
+            len(batch.labels),
+        )
 
 
 class ResNetFashion(Task):
@@ -128,8 +135,12 @@ class BertMLM(TextTask):
         if self.args.size == "minilm":
             return BertForMaskedLM.from_pretrained(str(data.minilm_dir()))  # the MLM head starts fresh
         config = BertConfig(
-            vocab_size=self.tok.vocab_size, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=512, max_position_embeddings=self.seq_len,
+            vocab_size=self.tok.vocab_size,
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=512,
+            max_position_embeddings=self.seq_len,
         )
         return BertForMaskedLM(config)
 
@@ -167,8 +178,13 @@ class BertSentiment(TextTask):
         if self.args.size == "minilm":
             return BertForSequenceClassification.from_pretrained(str(data.minilm_dir()), num_labels=2)
         config = BertConfig(
-            vocab_size=self.tok.vocab_size, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=512, max_position_embeddings=self.seq_len, num_labels=2,
+            vocab_size=self.tok.vocab_size,
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=512,
+            max_position_embeddings=self.seq_len,
+            num_labels=2,
         )
         return BertForSequenceClassification(config)
 
@@ -187,7 +203,11 @@ class BertSentiment(TextTask):
 
     def loss_and_hits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int, int]:
         logits = model(**batch.inputs).logits
-        return nn.functional.cross_entropy(logits, batch.labels), int((logits.argmax(-1) == batch.labels).sum()), len(batch.labels)
+        return (
+            nn.functional.cross_entropy(logits, batch.labels),
+            int((logits.argmax(-1) == batch.labels).sum()),
+            len(batch.labels),
+        )
 
 
 class CausalLM(TextTask):
@@ -217,7 +237,9 @@ class SmolLM2(CausalLM):
     def build_model(self) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(str(data.smollm2_dir()), gguf_file=data.SMOLLM2_GGUF, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(
+            str(data.smollm2_dir()), gguf_file=data.SMOLLM2_GGUF, dtype=torch.float32
+        )
 
 
 class GPT2Tiny(CausalLM):

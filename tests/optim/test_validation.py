@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from deepspeed_cdadam import CDAdam, InProcessWorld, OneBitAdam
+from deepspeed_cdadam import EF21, CDAdam, InProcessWorld, OneBitAdam
 
 
 def _p(dtype=torch.float32):
@@ -111,3 +111,22 @@ def test_shard_too_long_for_int32_indices_is_a_clear_error():
 def test_empty_parameter_list_is_rejected():
     with pytest.raises(ValueError, match="optimizer got an empty parameter list"):
         CDAdam([], transport=_tr())
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"ratio": 0.0}, r"Invalid TopK ratio=0\.0\. Must be a number in \(0\.0, 1\.0\]\."),
+        ({"compressor": "scaled_sign", "ratio": 0.1}, r"Invalid ratio=0\.1 for compressor='scaled_sign'"),
+        ({"lr": -1.0}, r"Invalid lr=-1\.0\. Must be a finite number >= 0\.0\."),
+        ({"weight_decay": -0.1}, r"Invalid weight_decay=-0\.1\. Must be a number >= 0\.0\."),
+    ],
+)
+def test_ef21_rejects(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EF21([torch.nn.Parameter(torch.zeros(3))], transport=InProcessWorld(1).transports[0], **kwargs)
+
+
+def test_ef21_default_is_top_one_percent():
+    opt = EF21([torch.nn.Parameter(torch.zeros(3))], transport=InProcessWorld(1).transports[0])
+    assert opt.compressor.name == "topk" and opt.compressor.ratio == 0.01
