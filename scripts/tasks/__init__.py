@@ -118,6 +118,20 @@ class TextTask(Task):
         rows = flat.numel() // self.seq_len
         return flat[: rows * self.seq_len].view(rows, self.seq_len)
 
+    def tiny_bert_config(self, **extra):
+        """``--size tiny``: a 2-layer BERT, hidden 128, on the MiniLM vocabulary (random init)."""
+        from transformers import BertConfig
+
+        return BertConfig(
+            vocab_size=self.tok.vocab_size,
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=512,
+            max_position_embeddings=self.seq_len,
+            **extra,
+        )
+
     def load_glosses(self) -> None:
         self.tok = self.tokenizer()
         rows = self.encode_stream(data.wordnet_glosses(limit=self.args.text_limit), self.tok)
@@ -130,19 +144,11 @@ class BertMLM(TextTask):
     mask_prob = 0.15
 
     def build_model(self) -> nn.Module:
-        from transformers import BertConfig, BertForMaskedLM
+        from transformers import BertForMaskedLM
 
         if self.args.size == "minilm":
             return BertForMaskedLM.from_pretrained(str(data.minilm_dir()))  # the MLM head starts fresh
-        config = BertConfig(
-            vocab_size=self.tok.vocab_size,
-            hidden_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=512,
-            max_position_embeddings=self.seq_len,
-        )
-        return BertForMaskedLM(config)
+        return BertForMaskedLM(self.tiny_bert_config())
 
     load_data = TextTask.load_glosses
 
@@ -173,20 +179,11 @@ class BertSentiment(TextTask):
     name = "bert-sentiment"
 
     def build_model(self) -> nn.Module:
-        from transformers import BertConfig, BertForSequenceClassification
+        from transformers import BertForSequenceClassification
 
         if self.args.size == "minilm":
             return BertForSequenceClassification.from_pretrained(str(data.minilm_dir()), num_labels=2)
-        config = BertConfig(
-            vocab_size=self.tok.vocab_size,
-            hidden_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=512,
-            max_position_embeddings=self.seq_len,
-            num_labels=2,
-        )
-        return BertForSequenceClassification(config)
+        return BertForSequenceClassification(self.tiny_bert_config(num_labels=2))
 
     def load_data(self) -> None:
         self.tok = self.tokenizer()
