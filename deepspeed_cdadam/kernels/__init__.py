@@ -128,57 +128,49 @@ def markov_applies(layout: ShardLayout, g: torch.Tensor) -> bool:
         and g.dtype in _DTYPE_CODES
         and layout.block_size is not None
         and layout.block_size % 8 == 0
-        and all(len(layout.shard_blocks(j)) > 1 for j in range(layout.world_size))
+        and min(layout.shard_sizes) > layout.block_size  # every shard has at least two blocks
     )
 
 
-def markov_worker_step(
-    g: torch.Tensor, h: torch.Tensor, layout: ShardLayout, wire_width: int, *, update: bool = True
+def _encode_shards(
+    g: torch.Tensor,
+    h: torch.Tensor,
+    offsets: tuple[int, ...],
+    sizes: tuple[int, ...],
+    layout: ShardLayout,
+    wire_width: int,
+    update: bool,
 ) -> torch.Tensor:
-    """Fused ``c = C(g - h)``; ``h += c``; returns the ``world_size`` wire messages concatenated (uint8).
-
-    Message ``j`` (``wire_width`` bytes) is shard ``j``'s: ``[ceil(capacity/8) bytes of signs | scales]``,
-    byte for byte what ``ScaledSign.to_wire`` writes. ``h`` is updated in place unless ``update=False``.
-    """
-    if not (g.is_contiguous() and h.is_contiguous() and g.dtype == h.dtype and g.numel() == h.numel() == layout.numel):
-        raise ValueError("markov_worker_step needs contiguous g and h of one dtype and the layout's length.")
-    wire = torch.zeros(layout.world_size * wire_width, dtype=torch.uint8)
-    offsets = torch.tensor(layout.shard_offsets, dtype=torch.int64)
-    sizes = torch.tensor(layout.shard_sizes, dtype=torch.int64)
+    """One call of the C++ worker step over the given shards of ``g``/``h``; the messages sized for ``layout``."""
+    wire = torch.zeros(len(sizes) * wire_width, dtype=torch.uint8)
+    offsets_t, sizes_t = torch.tensor(offsets, dtype=torch.int64), torch.tensor(sizes, dtype=torch.int64)
     code = _library().cdadam_markov_worker_step(
-        _DTYPE_CODES[g.dtype],
-        g.data_ptr(),
-        h.data_ptr(),
-        layout.world_size,
-        offsets.data_ptr(),
-        sizes.data_ptr(),
-        layout.block_size,
-        wire_width,
-        (layout.capacity + 7) // 8,
-        wire.data_ptr(),
-        int(update),
+        _DTYPE_CODES[g.dtype], g.data_ptr(), h.data_ptr(), len(sizes), offsets_t.data_ptr(), sizes_t.data_ptr(),
+        layout.block_size, wire_width, (layout.capacity + 7) // 8, wire.data_ptr(), int(update),
         torch.get_num_threads(),
-    )
+    )  # fmt: skip
     if code != 0:
         raise RuntimeError(f"cdadam_markov_worker_step returned {code}")
     return wire
+
+
+def markov_worker_step(g: torch.Tensor, h: torch.Tensor, layout: ShardLayout, wire_width: int) -> torch.Tensor:
+    """Fused ``c = C(g - h)``; ``h += c``; returns the ``world_size`` wire messages concatenated (uint8).
+
+    Message ``j`` (``wire_width`` bytes) is shard ``j``'s: ``[ceil(capacity/8) bytes of signs | scales]``,
+    byte for byte what ``ScaledSign.to_wire`` writes. ``h`` is updated in place.
+    """
+    if not (g.is_contiguous() and h.is_contiguous() and g.dtype == h.dtype and g.numel() == h.numel() == layout.numel):
+        raise ValueError("markov_worker_step needs contiguous g and h of one dtype and the layout's length.")
+    return _encode_shards(g, h, layout.shard_offsets, layout.shard_sizes, layout, wire_width, update=True)
 
 
 def markov_encode(g: torch.Tensor, h: torch.Tensor, layout: ShardLayout, shard: int, wire_width: int) -> torch.Tensor:
     """Shard ``shard``'s wire message of ``C(g - h)`` (``g``, ``h``: that shard's coordinates); nothing is updated."""
     size = layout.shard_sizes[shard]
-    one = ShardLayout(size, 1, layout.block_size)  # the same blocks (they start at the shard's start)
-    wire = torch.zeros(wire_width, dtype=torch.uint8)
-    offsets, sizes = torch.zeros(1, dtype=torch.int64), torch.tensor([size], dtype=torch.int64)
-    if not (g.is_contiguous() and h.is_contiguous() and g.numel() == h.numel() == size):
-        raise ValueError("markov_encode needs contiguous g and h of the shard's length.")
-    code = _library().cdadam_markov_worker_step(
-        _DTYPE_CODES[g.dtype], g.data_ptr(), h.data_ptr(), 1, offsets.data_ptr(), sizes.data_ptr(),
-        one.block_size, wire_width, (layout.capacity + 7) // 8, wire.data_ptr(), 0, torch.get_num_threads(),
-    )  # fmt: skip
-    if code != 0:
-        raise RuntimeError(f"cdadam_markov_worker_step returned {code}")
-    return wire
+    if not (g.is_contiguous() and h.is_contiguous() and g.dtype == h.dtype and g.numel() == h.numel() == size):
+        raise ValueError("markov_encode needs contiguous g and h of one dtype and the shard's length.")
+    return _encode_shards(g, h, (0,), (size,), layout, wire_width, update=False)
 
 
 def decode_mean_add(messages: torch.Tensor, out: torch.Tensor, layout: ShardLayout, shard: int) -> None:

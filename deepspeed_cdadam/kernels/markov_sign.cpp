@@ -1,13 +1,14 @@
-// Fused CPU kernel: the worker half of CD-Adam's Markov compression with block-wise scaled signs.
+// Fused CPU kernels for CD-Adam's Markov exchange with block-wise scaled signs (loaded by __init__.py).
 //
-// For every block B of the flat buffer (blocks never straddle server shards), with d = g - h:
+// cdadam_markov_worker_step: for every block B of the given shards (blocks never straddle server shards), with d = g - h:
 //   scale_B = (sum_{i in B} |d_i|) / |B|        summed in index order, in T (as torch.segment_reduce)
 //   bit_i   = d_i >= 0                          (sign(0) := +1; NaN -> 0, as torch's x >= 0)
 //   h_i     = h_i + (bit_i ? scale_B : -scale_B)
 // and the wire message of each shard j is written to wire + j * width:
 //   [ceil(capacity / 8) bytes of signs, LSB first | max_blocks scales of T], zero padded.
 // Every operation is the one the eager torch path performs, in the same order, so the results are
-// bit-identical (no -ffast-math, no FMA contraction: see build.py).
+// bit-identical (no -ffast-math, no FMA contraction: see CXXFLAGS in __init__.py).
+// cdadam_decode_mean_add: out += the mean of scaled-sign messages (server average, worker gtil += ctil).
 //
 // Cost: one pass that reads g and h for the sums (8 blocks at a time, one vector of 8 add chains),
 // then, while those blocks are still in cache, the sign/pack/update pass; memory traffic is about
@@ -57,33 +58,26 @@ void sums(const T* g, const T* h, int64_t start, int64_t len, int64_t lanes, T* 
   for (int64_t l = 0; l < lanes; ++l) acc[l] = a[l];
 }
 
+// Signs of count (<= 8) coordinates from i0 into one byte (LSB first), and h += +-scale unless !kUpdate.
+template <typename T, bool kUpdate>
+inline uint8_t pack_byte(const T* g, T* h, int64_t i0, int64_t count, T scale) {
+  uint8_t byte = 0;
+  for (int64_t k = 0; k < count; ++k) {
+    const T d = g[i0 + k] - h[i0 + k];
+    const bool pos = d >= T(0);
+    byte |= static_cast<uint8_t>(pos) << k;
+    if (kUpdate) h[i0 + k] = h[i0 + k] + (pos ? scale : -scale);
+  }
+  return byte;
+}
+
 template <typename T, bool kUpdate>
 void sign_pack_update(const T* g, T* h, int64_t start, int64_t len, T scale, uint8_t* bytes) {
   // len coordinates from start; bytes[0] holds the first 8 signs. len % 8 != 0 only for a shard's last block.
   // kUpdate = false only packs (the server's message down: its state changes after the all_gather).
   const int64_t full = len / 8;
-  for (int64_t q = 0; q < full; ++q) {
-    uint8_t byte = 0;
-    for (int k = 0; k < 8; ++k) {
-      const int64_t i = start + 8 * q + k;
-      const T d = g[i] - h[i];
-      const bool pos = d >= T(0);
-      byte |= static_cast<uint8_t>(pos) << k;
-      if (kUpdate) h[i] = h[i] + (pos ? scale : -scale);
-    }
-    bytes[q] = byte;
-  }
-  if (len % 8) {
-    uint8_t byte = 0;
-    for (int64_t k = 0; k < len % 8; ++k) {
-      const int64_t i = start + 8 * full + k;
-      const T d = g[i] - h[i];
-      const bool pos = d >= T(0);
-      byte |= static_cast<uint8_t>(pos) << k;
-      if (kUpdate) h[i] = h[i] + (pos ? scale : -scale);
-    }
-    bytes[full] = byte;
-  }
+  for (int64_t q = 0; q < full; ++q) bytes[q] = pack_byte<T, kUpdate>(g, h, start + 8 * q, 8, scale);
+  if (len % 8) bytes[full] = pack_byte<T, kUpdate>(g, h, start + 8 * full, len % 8, scale);
 }
 
 // One unit of work: up to kLanes consecutive blocks of one shard, all of the same length.
