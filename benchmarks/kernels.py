@@ -26,10 +26,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from deepspeed_cdadam import kernels
+from deepspeed_cdadam import InProcessWorld, kernels
 from deepspeed_cdadam.comm.layout import ShardLayout
 from deepspeed_cdadam.compressors import ScaledSignL1, pack_signs, unpack_signs
 from deepspeed_cdadam.compressors.sign import l1_block_scales
+from deepspeed_cdadam.exchange import MarkovExchange, make_exchange
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 3.0
@@ -45,16 +46,11 @@ def _median(fn, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def eager_worker_step(g: torch.Tensor, h: torch.Tensor, layout: ShardLayout, comp: ScaledSignL1) -> torch.Tensor:
+def eager_worker_step(g: torch.Tensor, h: torch.Tensor, exchange: MarkovExchange) -> torch.Tensor:
     """MarkovExchange's eager steps (1)-(2): wire messages out, ``h += C(g - h)`` in place."""
-    d = g - h
-    wires, local = [], []
-    for j in range(layout.world_size):
-        c = comp.compress(d[layout.shard_slice(j)], layout.shard_blocks(j))
-        wires.append(comp.to_wire(c, layout.capacity, layout.max_blocks, d.dtype))
-        local.append(comp.decompress(c, dtype=d.dtype))
-    h += torch.cat(local)
-    return torch.cat(wires)
+    wire, c = exchange.encode_up(g - h, step=1, group=0)
+    h += c
+    return wire
 
 
 def main() -> None:
@@ -75,12 +71,14 @@ def main() -> None:
     delta = g - h
     packed = pack_signs(delta)
     blocked = ShardLayout(n, 1, args.block_size)
-    single = ShardLayout(n, 1, None)
+    transport = InProcessWorld(1).transports[0]  # encoding needs no peers
+    eager_blocked = make_exchange("markov", transport, blocked, comp)
+    eager_single = make_exchange("markov", transport, ShardLayout(n, 1, None), comp)
     width = comp.wire_nbytes(blocked.capacity, blocked.max_blocks, g.dtype)
 
     # the fused kernel must give the eager path's bits before it is timed
     h_eager, h_fused = h.clone(), h.clone()
-    wire_eager = eager_worker_step(g, h_eager, blocked, comp)
+    wire_eager = eager_worker_step(g, h_eager, eager_blocked)
     wire_fused = kernels.markov_worker_step(g, h_fused, blocked, width)
     identical = torch.equal(wire_eager, wire_fused) and torch.equal(h_eager, h_fused)
     if not identical:
@@ -98,10 +96,10 @@ def main() -> None:
         "pack signs": _median(lambda: pack_signs(delta), args.repeats),
         "unpack + scale": _median(lambda: unpack_signs(packed, n).mul_(0.5), args.repeats),
         f"worker step, eager torch (block {args.block_size})": _median(
-            lambda: eager_worker_step(g, h_work, blocked, comp), args.repeats
+            lambda: eager_worker_step(g, h_work, eager_blocked), args.repeats
         ),
         "worker step, eager torch (one block per shard)": _median(
-            lambda: eager_worker_step(g, h_work, single, comp), args.repeats
+            lambda: eager_worker_step(g, h_work, eager_single), args.repeats
         ),
         fused_name: _median(lambda: kernels.markov_worker_step(g, h_work, blocked, width), args.repeats),
     }

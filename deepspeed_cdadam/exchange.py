@@ -167,6 +167,11 @@ class CompressedExchange(Exchange):
     def send_up(self, x: torch.Tensor, *, step: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Worker -> server. Returns (``C(x)`` full length, as the servers decode it;
         ``mean_i C(x_i)`` on this rank's shard)."""
+        send, local = self.encode_up(x, step=step, group=group)
+        return local, self.receive_up(send, x.dtype, step=step, group=group)
+
+    def encode_up(self, x: torch.Tensor, *, step: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This worker's messages up, shard after shard (uint8), and ``C(x)`` full length as they decode."""
         lay, n, me = self.layout, self.layout.world_size, self.rank
         # one scale for the whole vector (upstream OnebitAdam's worker side), or each block its own
         scale = tensor_scale(self.compressor, x) if self.worker_scale_scope == "tensor" else None
@@ -175,7 +180,7 @@ class CompressedExchange(Exchange):
             wire, c = self._encode(x[lay.shard_slice(j)], j, shared_seed(self.seed, step, group, _UP, j, me), scale)
             wires.append(wire)
             local.append(c)
-        return torch.cat(local), self.receive_up(torch.cat(wires), x.dtype, step=step, group=group)
+        return torch.cat(wires), torch.cat(local)
 
     def receive_up(self, send: torch.Tensor, dtype: torch.dtype, *, step: int, group: int) -> torch.Tensor:
         """The ``all_to_all`` of this worker's wire messages (shard after shard); returns ``mean_i C(x_i)`` on this rank's shard."""

@@ -15,14 +15,10 @@ if not kernels.available():
 
 
 def eager_worker_step(g, h, layout):
-    """Steps (1)-(2) exactly as MarkovExchange's eager path: wire messages and the new h."""
-    comp, d = ScaledSignL1(), g - h
-    wires, local = [], []
-    for j in range(layout.world_size):
-        c = comp.compress(d[layout.shard_slice(j)], layout.shard_blocks(j))
-        wires.append(comp.to_wire(c, layout.capacity, layout.max_blocks, g.dtype))
-        local.append(comp.decompress(c, dtype=g.dtype))
-    return torch.cat(wires), h + torch.cat(local)
+    """Steps (1)-(2) on MarkovExchange's eager path: the wire messages and the new h."""
+    exchange = make_exchange("markov", InProcessWorld(layout.world_size).transports[0], layout, ScaledSignL1())
+    wire, c = exchange.encode_up(g - h, step=1, group=0)
+    return wire, h + c
 
 
 @pytest.mark.parametrize(
