@@ -23,7 +23,9 @@ def deepspeed_cmd(world_size: int, script: str, *script_args: str) -> list[str]:
 
 
 def run_checked(cmd: list[str], timeout: float = 400) -> str:
-    """Run ``cmd`` from the repository root; fail the test with the output's tail unless it exits 0."""
+    """Run ``cmd`` from the repository root; fail the test with the output's tail unless it exits 0.
+
+    Returns stdout followed by stderr (launched scripts log to either)."""
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    return out.stdout
+    return out.stdout + out.stderr

@@ -13,20 +13,11 @@ import sys
 
 import pytest
 
-from tests.launch import ROOT
+from tests.launch import run_checked
 
 
-def run_benchmark(script: str, *args: str, timeout: float = 300) -> str:
-    out = subprocess.run(
-        [sys.executable, f"benchmarks/{script}", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    return out.stdout
+def run_benchmark(script: str, *args: str) -> str:
+    return run_checked([sys.executable, f"benchmarks/{script}", *args], timeout=300)
 
 
 def read_csv(path) -> list[dict]:

@@ -1,11 +1,10 @@
 """The README demo runs end to end on 2 CPU ranks through torchrun (few steps)."""
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.launch import run_checked
 
 
 def test_demo_prints_losses_and_bytes():
@@ -21,9 +20,7 @@ def test_demo_prints_losses_and_bytes():
         "--log-every",
         "20",
     ]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    text = out.stdout + out.stderr
+    text = run_checked(cmd, timeout=300)
     rows = dict(re.findall(r"^(CD-Adam|1-bit Adam|Adam \(fp32\))\s+(.+)$", text, flags=re.MULTILINE))
     assert set(rows) == {"CD-Adam", "1-bit Adam", "Adam (fp32)"}, text[-2000:]
     loss, _acc, _mb, ratio = rows["CD-Adam"].split()
