@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .comm.transport import control_device
 from .types import PER_RANK_KEYS, STEP
 
 logger = logging.getLogger(__name__)
@@ -110,9 +111,9 @@ def load_rank_state(optimizer: Any, directory: str) -> bool:
     """Restore this rank's compression state (True), or reset it on every rank (False); see the module doc."""
     tr = optimizer.transport
     code, problem, saved = _read(optimizer, rank_state_path(directory, tr.rank, tr.world_size))
-    codes = torch.zeros(tr.world_size)
+    codes = torch.zeros(tr.world_size, device=control_device(tr))
     codes[tr.rank] = float(code)
-    tr.all_reduce_sum(codes)
+    codes = tr.all_reduce_sum(codes).cpu()
     bad = [r for r in range(tr.world_size) if codes[r] == _BAD]
     if bad:
         raise CheckpointMismatchError(

@@ -14,6 +14,8 @@ from .transport import Transport
 
 
 class MpiTransport(Transport):
+    device = None  # host tensors go as they are, device tensors are copied (or passed, if CUDA-aware)
+
     def __init__(self, comm: object | None = None, cuda_aware: bool = False) -> None:
         try:
             from mpi4py import MPI

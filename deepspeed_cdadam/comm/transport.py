@@ -7,6 +7,11 @@ A ``Transport`` offers the three collectives the exchange schemes need, on flat 
 * ``all_gather(send)``: returns every rank's ``send``, concatenated in rank order.
 * ``all_reduce_sum(x)``: in place sum over ranks.
 
+Every transport names the ``device`` its tensors must live on (NCCL: the current CUDA device;
+gloo: the CPU; ``None``: any device, as MPI copies what it needs). The optimizers put their small
+control tensors (non-finite flags, fingerprints, checkpoint agreement) on ``control_device(t)`` and
+check that their flat buffers live on ``t.device``: a CPU tensor never reaches NCCL.
+
 Implementations: ``TorchDistributedTransport`` (gloo on CPU, NCCL on GPU, any torch.distributed
 backend; every call waits at most ``timeout``) and ``InProcessWorld`` (n ranks as threads of one
 process, for tests and the simulator-free experiments). Nothing here knows about compression.
@@ -25,9 +30,15 @@ from ..types import CommTimeoutError
 DEFAULT_TIMEOUT_S = 300.0
 
 
+#: ``torch.distributed`` backend -> the device type its collectives accept (anything else: CPU).
+BACKEND_DEVICE_TYPES = {"nccl": "cuda", "xccl": "xpu"}
+
+
 class Transport(ABC):
     rank: int
     world_size: int
+    #: The device every tensor handed to this transport must live on; ``None``: any device.
+    device: torch.device | None = torch.device("cpu")
 
     @abstractmethod
     def all_to_all(self, send: torch.Tensor) -> torch.Tensor: ...
@@ -58,11 +69,18 @@ class TorchDistributedTransport(Transport):
         self.rank = dist.get_rank(group=process_group)
         self.world_size = dist.get_world_size(group=process_group)
         self.timeout = datetime.timedelta(seconds=float(timeout_s))
+        self.backend = str(dist.get_backend(process_group)).lower()
+        self.device = _backend_device(self.backend)
 
     def __getstate__(self) -> dict:
         raise TypeError("A TorchDistributedTransport holds a process group and cannot be pickled.")
 
     def _wait(self, work: object, what: str) -> None:
+        if self.device is not None and self.device.type != "cpu":
+            # On an accelerator wait() only orders the streams; the host never blocks here, and a
+            # stalled peer is caught by the process group's own timeout (NCCL's watchdog).
+            work.wait()  # type: ignore[attr-defined]
+            return
         try:
             work.wait(timeout=self.timeout)  # type: ignore[attr-defined]
         except RuntimeError as err:
@@ -90,17 +108,50 @@ class TorchDistributedTransport(Transport):
         return x
 
 
+def _backend_device(backend: str) -> torch.device:
+    """The device a ``torch.distributed`` backend's collectives take (its current one for accelerators)."""
+    names = [part.split(":")[-1] for part in backend.split(",")]  # "nccl" or "cpu:gloo,cuda:nccl"
+    kind = next((BACKEND_DEVICE_TYPES[n] for n in names if n in BACKEND_DEVICE_TYPES), None)
+    if kind is None:
+        return torch.device("cpu")
+    module = getattr(torch, kind, None)
+    if module is None or not module.is_available():
+        return torch.device(kind)
+    return torch.device(kind, module.current_device())
+
+
+def control_device(transport: Transport) -> torch.device:
+    """Where the small control tensors handed to ``transport`` are made."""
+    return transport.device if transport.device is not None else torch.device("cpu")
+
+
+def check_on_transport_device(transport: Transport, t: torch.Tensor, what: str) -> None:
+    """Raise ``ValueError`` if ``t`` is not on a device ``transport`` can move."""
+    dev = transport.device
+    if dev is not None and t.device.type != dev.type:
+        raise ValueError(
+            f"{what} is on {t.device}, but the transport {type(transport).__name__} moves tensors on {dev} "
+            f"(backend {getattr(transport, 'backend', 'in-process')!r}). Move the model to {dev.type} before "
+            "building the optimizer (model.to(device)), or initialise torch.distributed with a backend for "
+            f"{t.device.type} (gloo for cpu, nccl for cuda)."
+        )
+
+
 class InProcessWorld:
     """``world_size`` ranks living as threads of one process, exchanging tensors through memory.
 
     ``world.transports[r]`` is rank ``r``'s transport; run each rank's code in its own thread
     (``world.run(fn)`` does that and re-raises the first error). A rank that does not arrive
     within ``timeout_s`` makes the others raise ``CommTimeoutError``.
+
+    Like NCCL, the world moves tensors of one ``device`` only (default CPU) and refuses any other
+    with ``TypeError``: tests that run without a GPU catch a tensor sent from the wrong device.
     """
 
-    def __init__(self, world_size: int, timeout_s: float = 60.0) -> None:
+    def __init__(self, world_size: int, timeout_s: float = 60.0, device: str | torch.device = "cpu") -> None:
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"Invalid world_size={world_size!r}. Must be an int >= 1.")
+        self.device = torch.device(device)
         self.world_size = world_size
         self.timeout_s = timeout_s
         self._slots: list[torch.Tensor | None] = [None] * world_size
@@ -108,6 +159,11 @@ class InProcessWorld:
         self.transports = [_InProcessTransport(self, r) for r in range(world_size)]
 
     def _exchange(self, rank: int, send: torch.Tensor) -> list[torch.Tensor]:
+        if send.device.type != self.device.type:
+            raise TypeError(
+                f"in-process collective on rank {rank}: a tensor on {send.device} was handed to a transport "
+                f"that moves tensors on {self.device} (as NCCL refuses CPU tensors)."
+            )
         try:
             self._slots[rank] = send.clone()
             self._barrier.wait()
@@ -151,6 +207,7 @@ class _InProcessTransport(Transport):
         self._world = world
         self.rank = rank
         self.world_size = world.world_size
+        self.device = world.device
 
     def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
         chunks = self._world._exchange(self.rank, send)

@@ -26,7 +26,7 @@ import torch
 
 from ..checkpoint import load_rank_state, save_rank_state
 from ..comm.mpi import MpiTransport
-from ..comm.transport import TorchDistributedTransport, Transport
+from ..comm.transport import TorchDistributedTransport, Transport, control_device
 from ..optim.base import CompressedOptimizer
 from ..optim.cd_adam import CDAdam
 from ..optim.ef21 import EF21
@@ -186,7 +186,8 @@ def register() -> None:
             # Our files first: DeepSpeed writes 'latest' last, so a crash anywhere before it leaves
             # the previous checkpoint the one that loads.
             save_rank_state(optimizer, os.path.join(save_dir, str(tag)))
-            optimizer.transport.all_reduce_sum(torch.zeros(1))  # every rank's file is on disk
+            barrier = torch.zeros(1, device=control_device(optimizer.transport))
+            optimizer.transport.all_reduce_sum(barrier)  # every rank's file is on disk
         return original_save(self, save_dir, tag, *args, **kwargs)
 
     def load_checkpoint(self: Any, load_dir: str, tag: Any = None, *args: Any, **kwargs: Any) -> Any:

@@ -18,7 +18,7 @@ import torch
 
 from ..comm.accounting import CommStats
 from ..comm.layout import ShardLayout
-from ..comm.transport import TorchDistributedTransport, Transport
+from ..comm.transport import TorchDistributedTransport, Transport, check_on_transport_device
 from ..compressors.base import Compressor
 from ..compressors.registry import get_compressor
 from ..exchange import EXCHANGE_NAMES, Exchange, check_worker_scale_scope, make_exchange
@@ -198,6 +198,8 @@ class CompressedOptimizer(torch.optim.Optimizer):
         groups = [(i, g, self.trainable(g)) for i, g in enumerate(self.param_groups)]
         groups = [(i, g, ps) for i, g, ps in groups if ps]
         grads = [self.flat_grad(ps) for _, _, ps in groups]
+        for (index, _, _), grad in zip(groups, grads):
+            check_on_transport_device(self.transport, grad, f"The gradient of param_groups[{index}]")
         if not self._gradients_usable(groups, grads):
             return loss
         for (index, group, params), grad in zip(groups, grads):

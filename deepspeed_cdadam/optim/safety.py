@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from ..comm.accounting import CommStats, all_gather_bytes_sent, all_reduce_bytes_sent
-from ..comm.transport import Transport
+from ..comm.transport import Transport, control_device
 
 NONFINITE_POLICIES = ("error", "skip")
 
@@ -31,20 +31,21 @@ def ranks_with_nonfinite(
     transport: Transport, grads: Sequence[torch.Tensor], stats: CommStats | None = None
 ) -> list[int]:
     """Ranks whose gradients contain NaN or inf (the same list on every rank)."""
-    flags = torch.zeros(transport.world_size, dtype=torch.float32)
-    if not all(bool(torch.isfinite(g).all()) for g in grads):
-        flags[transport.rank] = 1.0
+    device = control_device(transport)
+    flags = torch.zeros(transport.world_size, dtype=torch.float32, device=device)
+    for g in grads:  # no host round trip per gradient: the flag is computed where the gradient lives
+        flags[transport.rank] += (~torch.isfinite(g)).any().to(device=device, dtype=torch.float32)
     transport.all_reduce_sum(flags)
     _count(stats, 4 * transport.world_size, all_reduce_bytes_sent(4 * transport.world_size, transport.world_size))
-    return [r for r in range(transport.world_size) if flags[r] > 0]
+    return (flags > 0).nonzero().flatten().tolist()
 
 
 def fingerprint(t: torch.Tensor) -> torch.Tensor:
-    """Two int64 sums of ``t``'s exact bit patterns (plain and position-weighted): any change of any
-    bit of any element changes them, barring a collision."""
-    flat = t.detach().reshape(-1).contiguous().cpu()
+    """Two int64 sums of ``t``'s exact bit patterns (plain and position-weighted), computed on
+    ``t``'s device: any change of any bit of any element changes them, barring a collision."""
+    flat = t.detach().reshape(-1).contiguous()
     bits = flat.view(_INT_OF_SIZE[flat.element_size()]).to(torch.int64)
-    weights = torch.arange(1, bits.numel() + 1, dtype=torch.int64)
+    weights = torch.arange(1, bits.numel() + 1, dtype=torch.int64, device=flat.device)
     return torch.stack([bits.sum(), (bits * weights).sum()])
 
 
@@ -54,10 +55,11 @@ def check_ranks_agree(
     """Raise ``RuntimeError`` on every rank if any named tensor differs between ranks."""
     if not named:
         return
-    mine = torch.stack([fingerprint(t) for _, t in named])  # [k, 2]
+    device = control_device(transport)
+    mine = torch.stack([fingerprint(t).to(device) for _, t in named])  # [k, 2]
     everyone = transport.all_gather(mine.reshape(-1)).view(transport.world_size, len(named), 2)
     _count(stats, mine.numel() * 8, all_gather_bytes_sent(mine.numel() * 8, transport.world_size))
-    differs = (everyone != everyone[0]).any(dim=2)  # [ranks, k]
+    differs = (everyone != everyone[0]).any(dim=2).cpu()  # [ranks, k]
     if bool(differs.any()):
         first = int(differs.any(dim=0).nonzero()[0])
         ranks = [r for r in range(transport.world_size) if bool(differs[r, first])]
