@@ -221,16 +221,56 @@ class CompressedExchange(Exchange):
 class MarkovExchange(CompressedExchange):
     """``markov``: CD-Adam's two Markov compression sequences (module docstring, steps (1)-(5))."""
 
+    #: Whether every rank can run the fused kernels: agreed once per exchange (``None``: not yet asked).
+    _kernel_everywhere: bool | None = None
+
     def uses_fused_kernel(self, x: torch.Tensor, h: torch.Tensor) -> bool:
-        """Steps (1)-(5) run on the fused CPU kernels (``kernels``) where they compute exactly the eager result."""
+        """Steps (1)-(5) run on the fused CPU kernels (``kernels``) where they compute exactly the eager result.
+
+        The first call that gets past the rank-independent checks (compressor, layout, dtype, device,
+        ``DEEPSPEED_CDADAM_KERNELS``, which must be the same on every rank) makes every rank agree on
+        kernel availability (``_agree_on_kernel``): all ranks or none take the fused path.
+        """
         return (
             type(self.compressor) is ScaledSignL1
             and self.worker_scale_scope == "block"
+            and kernels.markov_applies(self.layout, x)
+            and kernels.mode() != "eager"
+            and self._agree_on_kernel()
             and x.is_contiguous()
             and h.is_contiguous()
-            and kernels.markov_applies(self.layout, x)
-            and kernels.available()
         )
+
+    def _agree_on_kernel(self) -> bool:
+        """Whether the kernels build on every rank: one all-reduce of a flag per rank, the first time only.
+
+        In ``fused`` mode every rank raises ``KernelUnavailableError`` naming the ranks that failed; in
+        ``auto`` mode all ranks use the eager path (each failing rank has logged its reason).
+        """
+        if self._kernel_everywhere is None:
+            n, me = self.transport.world_size, self.rank
+            failure = kernels.build_failure()
+            device = getattr(self.transport, "device", None) or torch.device("cpu")
+            flags = torch.zeros(n, dtype=torch.float32, device=device)
+            if failure is not None:
+                flags[me] = 1.0
+            flags = self.transport.all_reduce_sum(flags)
+            self.stats.bytes_setup += all_reduce_bytes_sent(4 * n, n)
+            self.stats.bytes_handed += 4 * n
+            self.stats.collective_calls += 1
+            failed = [r for r, f in enumerate(flags.cpu().tolist()) if f > 0]
+            if failed and kernels.mode() == "fused":
+                reason = f"; here: {failure}" if failure is not None else " (see their logs for why)"
+                raise kernels.KernelUnavailableError(
+                    f"DEEPSPEED_CDADAM_KERNELS=fused, but the fused CPU kernel is unavailable on rank(s) {failed} "
+                    f"of {n}{reason}. Fix the build there, or set DEEPSPEED_CDADAM_KERNELS=auto or eager."
+                ) from failure
+            if failed and failure is None:
+                kernels.logger.warning(
+                    "Fused CPU kernel unavailable on rank(s) %s: every rank uses the eager torch path.", failed
+                )
+            self._kernel_everywhere = not failed
+        return self._kernel_everywhere
 
     def init_state(self, state: dict, like: torch.Tensor) -> None:
         state[MARKOV_STATE] = torch.zeros_like(like)

@@ -9,6 +9,7 @@ These are the counts the benchmarks and the 1/28 claim are made of. With ``n`` r
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -33,10 +34,13 @@ class CommStats:
     bytes_handed: int = 0  # input bytes given to collectives (what the code really moved into them)
     collective_calls: int = 0
     bytes_control: float = 0.0  # small agreement messages (non-finite flags, consistency fingerprints)
+    # one-time set-up messages of a process (fused-kernel agreement), sent again by a resumed run:
+    # kept out of ``bytes_sent`` so that a resumed run counts its training bytes as if it never stopped
+    bytes_setup: float = 0.0
 
     @property
     def bytes_sent(self) -> float:
         return self.bytes_up + self.bytes_down + self.bytes_control
 
     def snapshot(self) -> CommStats:
-        return CommStats(self.bytes_up, self.bytes_down, self.bytes_handed, self.collective_calls, self.bytes_control)
+        return CommStats(**dataclasses.asdict(self))

@@ -14,6 +14,12 @@ The kernel is a plain C++ file built with the system's ``g++`` into a cache fold
 compiler and the CPU, and loaded with ctypes: no torch headers, under a second to build.
 ``DEEPSPEED_CDADAM_KERNELS`` chooses: ``auto`` (default: fused where it applies and builds, else
 eager, with one warning if the build fails), ``eager`` (never fused), ``fused`` (raise if it cannot build).
+Set it alike on every rank: an exchange makes all ranks agree once (one tiny all-reduce) and uses the
+fused path only if it builds on every rank; in ``fused`` mode every rank raises, naming the failed ranks.
+
+Each call runs on ``num_threads()`` threads (torch's count, capped by ``cpus // LOCAL_WORLD_SIZE``) of
+a persistent pool in the library. A C++ error never aborts the process: the entry points return an
+error code, raised here as ``RuntimeError`` with the library's message.
 """
 
 from __future__ import annotations
@@ -90,34 +96,90 @@ def _library() -> ctypes.CDLL:
         raise KernelUnavailableError(
             f"{type(err).__name__}: {err} (set DEEPSPEED_CDADAM_CACHE to a writable folder)"
         ) from err
-    fn = lib.cdadam_markov_worker_step
-    fn.restype = ctypes.c_int
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ctypes.c_int, p, p, i64, p, p, i64, i64, i64, p, ctypes.c_int, ctypes.c_int]
-    decode = lib.cdadam_decode_mean_add
-    decode.restype = ctypes.c_int
-    decode.argtypes = [ctypes.c_int, p, i64, i64, i64, i64, i64, p, ctypes.c_int]
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    signatures = {
+        "cdadam_markov_worker_step": (i32, [i32, p, p, i64, p, p, i64, i64, i64, p, i32, i32]),
+        "cdadam_decode_mean_add": (i32, [i32, p, i64, i64, i64, i64, i64, p, i32]),
+        "cdadam_last_error": (ctypes.c_char_p, []),
+        "cdadam_threads_created": (i64, []),
+        "cdadam_test_throw": (i32, [i32, i32, i32]),
+    }
+    for name, (restype, argtypes) in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
     return lib
+
+
+def _call(name: str, *args: object) -> None:
+    """Call entry point ``name``; a nonzero return (C++ errors never cross ctypes) raises ``RuntimeError``."""
+    lib = _library()
+    code = getattr(lib, name)(*args)
+    if code != 0:
+        message = (lib.cdadam_last_error() or b"").decode(errors="replace")
+        raise RuntimeError(f"{name} failed with error code {code}: {message or 'no message'}")
+
+
+def _local_world_size() -> int:
+    """Ranks sharing this node (``LOCAL_WORLD_SIZE``, set by torchrun and the DeepSpeed launcher); 1 if unset."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+@cache
+def _cpu_counts() -> tuple[int, int]:
+    """(CPUs of the node, CPUs this process may run on)."""
+    node = os.cpu_count() or 1
+    try:
+        mine = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        mine = node
+    return node, mine
+
+
+def num_threads() -> int:
+    """Threads per kernel call: torch's intra-op count, capped by this rank's share of the node's CPUs
+    (``cpus // LOCAL_WORLD_SIZE``) and the CPUs it may run on; at least 1."""
+    node, mine = _cpu_counts()
+    return max(1, min(torch.get_num_threads(), node // _local_world_size(), mine))
+
+
+def threads_created() -> int:
+    """Threads the kernels' persistent pool has started so far (constant once it is warm)."""
+    return int(_library().cdadam_threads_created())
 
 
 _failure: KernelUnavailableError | None = None  # the first build failure, remembered (never retried per step)
 
 
-def available() -> bool:
-    """Whether the fused kernels may be used (mode, and they build); warns once in ``auto`` mode."""
+def build_failure() -> KernelUnavailableError | None:
+    """Why the fused kernels cannot be built or loaded on this rank (remembered), or ``None``; never raises.
+
+    Ignores the mode; warns once (in ``auto`` mode) when the failure is first met. Exchanges combine
+    every rank's answer (``MarkovExchange.uses_fused_kernel``) so that all ranks take the same path.
+    """
     global _failure
-    if mode() == "eager":
-        return False
     if _failure is None:
         try:
             _library()
-            return True
+            return None
         except KernelUnavailableError as err:
             _failure = err
             if mode() == "auto":
                 logger.warning("Fused CPU kernel unavailable, using the eager torch path: %s", err)
+    return _failure
+
+
+def available() -> bool:
+    """Whether the fused kernels may be used on this rank (mode, and they build); warns once in ``auto`` mode."""
+    if mode() == "eager":
+        return False
+    failure = build_failure()
+    if failure is None:
+        return True
     if mode() == "fused":
-        raise _failure
+        raise failure
     return False
 
 
@@ -144,13 +206,11 @@ def _encode_shards(
     """One call of the C++ worker step over the given shards of ``g``/``h``; the messages sized for ``layout``."""
     wire = torch.zeros(len(sizes) * wire_width, dtype=torch.uint8)
     offsets_t, sizes_t = torch.tensor(offsets, dtype=torch.int64), torch.tensor(sizes, dtype=torch.int64)
-    code = _library().cdadam_markov_worker_step(
+    _call(
+        "cdadam_markov_worker_step",
         _DTYPE_CODES[g.dtype], g.data_ptr(), h.data_ptr(), len(sizes), offsets_t.data_ptr(), sizes_t.data_ptr(),
-        layout.block_size, wire_width, (layout.capacity + 7) // 8, wire.data_ptr(), int(update),
-        torch.get_num_threads(),
+        layout.block_size, wire_width, (layout.capacity + 7) // 8, wire.data_ptr(), int(update), num_threads(),
     )  # fmt: skip
-    if code != 0:
-        raise RuntimeError(f"cdadam_markov_worker_step returned {code}")
     return wire
 
 
@@ -186,9 +246,8 @@ def decode_mean_add(messages: torch.Tensor, out: torch.Tensor, layout: ShardLayo
         raise ValueError("decode_mean_add needs a contiguous fp32/fp64 out of the shard's length.")
     if size == 0:
         return
-    code = _library().cdadam_decode_mean_add(
+    _call(
+        "cdadam_decode_mean_add",
         _DTYPE_CODES[out.dtype], messages.data_ptr(), messages.shape[0], messages.shape[1], size,
-        layout.block_size or size, (layout.capacity + 7) // 8, out.data_ptr(), torch.get_num_threads(),
+        layout.block_size or size, (layout.capacity + 7) // 8, out.data_ptr(), num_threads(),
     )  # fmt: skip
-    if code != 0:
-        raise RuntimeError(f"cdadam_decode_mean_add returned {code}")
