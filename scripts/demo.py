@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import os
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,13 @@ parser.add_argument(
 args = parser.parse_args()
 
 torch.set_num_threads(1)
-dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+if torch.cuda.is_available():  # one GPU per rank, NCCL; gloo on CPU
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=120))
+else:
+    device = torch.device("cpu")
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
 rank, world = dist.get_rank(), dist.get_world_size()
 logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
 log = logging.getLogger("demo")
@@ -40,15 +47,15 @@ gen = torch.Generator().manual_seed(0)
 centers = torch.randn(10, 32, generator=gen) * 1.5
 labels_all = torch.randint(0, 10, (8000,), generator=gen)
 feats_all = centers[labels_all] + torch.randn(8000, 32, generator=gen) * 3.0
-train_x, train_y = feats_all[:6000][rank::world], labels_all[:6000][rank::world]  # each rank its own half
-test_x, test_y = feats_all[6000:], labels_all[6000:]
+train_x, train_y = feats_all[:6000][rank::world].to(device), labels_all[:6000][rank::world].to(device)  # own half
+test_x, test_y = feats_all[6000:].to(device), labels_all[6000:].to(device)
 
 
 def make_model() -> torch.nn.Module:
     torch.manual_seed(0)  # same init on every rank and for every optimizer
     return torch.nn.Sequential(
         torch.nn.Linear(32, 256), torch.nn.GELU(), torch.nn.Linear(256, 256), torch.nn.GELU(), torch.nn.Linear(256, 10)
-    )
+    ).to(device)
 
 
 OPTIMIZERS = {
@@ -66,7 +73,7 @@ for name, build in OPTIMIZERS.items():
     log.info(f"\n== {name}: {sum(p.numel() for p in model.parameters()):,} params, {world} ranks")
     log.info(f"{'step':>6} {'loss':>8} {'KB sent/step':>13} {'KB sent total':>14}")
     for step in range(1, args.steps + 1):
-        idx = torch.randint(0, train_x.shape[0], (args.batch,), generator=sample)
+        idx = torch.randint(0, train_x.shape[0], (args.batch,), generator=sample).to(device)
         loss = torch.nn.functional.cross_entropy(model(train_x[idx]), train_y[idx])
         opt.zero_grad()
         loss.backward()

@@ -144,19 +144,28 @@ class StepLog:
             self.file.close()
 
 
+def collective_backend() -> str:
+    """NCCL when there is a GPU (the model, the data and every collective then live on it), gloo on CPU."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def mean_over_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
     return t.tolist()
 
 
 def evaluate(engine, task, batch_size: int) -> tuple[float, float]:
     engine.module.eval()
-    total = torch.zeros(3, dtype=torch.float64)  # loss x count, hits, count
+    total = torch.zeros(3, dtype=torch.float64, device=collective_device())  # loss x count, hits, count
     with torch.no_grad():
         for batch in task.eval_batches(batch_size):
-            loss, hits, count = task.loss_and_hits(engine.module, batch)
-            total += torch.tensor([loss.item() * count, hits, count], dtype=torch.float64)
+            loss, hits, count = task.loss_and_hits(engine.module, batch.to(engine.device))
+            total += torch.tensor([loss.item() * count, hits, count], dtype=torch.float64, device=total.device)
     engine.module.train()
     dist.all_reduce(total)
     return float(total[0] / total[2]), float(total[1] / total[2])
@@ -165,7 +174,10 @@ def evaluate(engine, task, batch_size: int) -> tuple[float, float]:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=args.timeout_s))
+    backend = collective_backend()
+    if backend == "nccl":  # before any collective: NCCL binds each rank to its own GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=args.timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
 
     task = TASKS[args.task](args, rank, world)
@@ -196,7 +208,7 @@ def main() -> None:
     with StepLog(out / "steps.csv" if rank == 0 else None, first) as log:
         for step in progress:
             lr = engine.get_lr()[0]  # the lr this step uses
-            loss, hits, count = task.loss_and_hits(engine, task.train_batch(step, batch_size))
+            loss, hits, count = task.loss_and_hits(engine, task.train_batch(step, batch_size).to(engine.device))
             engine.backward(loss)
             engine.step()
             mean_loss, all_hits, all_count = mean_over_ranks([loss.item(), hits, count])

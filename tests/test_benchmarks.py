@@ -47,6 +47,27 @@ def test_collective_benchmark_bytes(tmp_path):
     assert all(b <= fp32 / 28 for b in rows.values())
 
 
+def test_gpu_benchmark_runs_on_cpu(tmp_path):
+    """The GPU benchmark's dry run (CPU, gloo, tiny sizes): every scheme and optimizer timed, ratios to the copy."""
+    run_benchmark(
+        "gpu.py", "--device", "cpu", "--sizes", "4e4", "--repeats", "1", "--gpt2-layers", "1", "--gpt2-width", "32",
+        "--gpt2-vocab", "100", "--gpt2-seq", "16", "--gpt2-batch", "2", "--warmup", "2", "--steps", "1",
+        "--results", str(tmp_path),
+    )  # fmt: skip
+    rows = read_csv(tmp_path / "gpu.csv")
+    exchange = {(r["method"], r["piece"]): r for r in rows if r["part"] == "exchange"}
+    assert float(exchange["device copy", "copy"]["times_copy"]) == 1.0
+    for method in ("CD-Adam, block 2048", "CD-Adam, one block per shard", "1-bit Adam (error feedback, L2 sign)"):
+        for piece in ("worker encode", "whole exchange"):
+            r = exchange[method, piece]
+            assert float(r["times_copy"]) == pytest.approx(float(r["seconds"]) / float(exchange["device copy", "copy"]["seconds"]))
+    optim = {r["method"]: r for r in rows if r["part"] == "gpt2" and r["piece"] == "optimizer step"}
+    assert set(optim) == {"AdamW (torch, fused)", "CDAdam (block 2048)", "OneBitAdam (compressed phase)"}
+    assert float(optim["AdamW (torch, fused)"]["times_adamw_optimizer"]) == 1.0
+    assert all(r["device"].startswith("CPU") for r in rows)
+    assert (tmp_path / "gpu.png").stat().st_size > 0
+
+
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="network namespaces need root")
 def test_emulated_cluster_runs_and_cleans_up(tmp_path):
     before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout

@@ -29,6 +29,10 @@ class Batch:
     inputs: dict[str, torch.Tensor]
     labels: torch.Tensor
 
+    def to(self, device: torch.device) -> Batch:
+        """The same batch on ``device`` (the engine's: a GPU when there is one)."""
+        return Batch({k: v.to(device, non_blocking=True) for k, v in self.inputs.items()}, self.labels.to(device))
+
 
 class Task:
     """A training problem: ``build_model``, ``train_batch(step)``, ``loss_and_hits``, ``eval_batches``."""

@@ -1,0 +1,257 @@
+"""GPU benchmark: exchange compute vs a device copy, and a GPT-2-small training step per optimizer.
+
+    python benchmarks/gpu.py                       # on a GPU machine: 110M and 1B params, GPT-2 small
+    python benchmarks/gpu.py --device cpu --sizes 2e5 --gpt2-layers 1 --gpt2-width 64 --gpt2-vocab 500 --steps 2
+
+One process, a world of one rank (NCCL on a GPU: two processes cannot share one GPU; gloo on CPU).
+With one rank every collective is a local copy, so the times are the exchange's *compute*: the
+worker encode, the server decode-average-encode and the worker decode.
+
+Part 1, per buffer size: a plain device copy of the fp32 buffer (the reference, 1.0x), then per
+scheme the worker's encode alone and the whole exchange step, as multiples of the copy. Targets
+(issue "GPU for real"): CD-Adam worker step <= 4x a copy, whole exchange <= 10x, 1-bit Adam alike.
+
+Part 2: GPT-2 small (124M, random init, ``--gpt2-batch`` x ``--gpt2-seq`` tokens, bf16 autocast on
+CUDA) with ``torch.optim.AdamW(fused=True)``, ``CDAdam`` (block 2048) and ``OneBitAdam`` in its
+compressed phase: median whole-step and optimizer-step time, and peak device memory. Target:
+CDAdam's optimizer time <= 5x fused AdamW's. DeepSpeed 0.19.6's own OnebitAdam needs cupy and
+deepspeed's NCCL backend; it is reported as not measured where those are absent.
+
+Writes ``<results>/gpu.csv``, ``gpu.txt`` and ``gpu.png`` with the device's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+import torch.distributed as dist
+
+from deepspeed_cdadam import CDAdam, OneBitAdam
+from deepspeed_cdadam.comm import CommStats, ShardLayout, TorchDistributedTransport
+from deepspeed_cdadam.compressors import get_compressor
+from deepspeed_cdadam.exchange import make_exchange
+
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "gpu"
+
+# name -> (scheme, compressor, block_size, worker_scale_scope)
+SCHEMES = {
+    "CD-Adam, block 2048": ("markov", "scaled_sign", 2048, "block"),
+    "CD-Adam, one block per shard": ("markov", "scaled_sign", None, "block"),
+    "CD-Adam, block 256": ("markov", "scaled_sign", 256, "block"),
+    "1-bit Adam (error feedback, L2 sign)": ("error_feedback", "sign_l2", None, "tensor"),
+    "exact all-reduce": ("none", "scaled_sign", None, "block"),
+}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    fn()  # warm-up: allocations, kernel builds and compilation
+    samples = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def exchange_rows(numel: int, device: torch.device, repeats: int) -> list[dict]:
+    """Part 1: copy, worker encode and whole exchange per scheme, for one ``numel`` fp32 buffer."""
+    transport = TorchDistributedTransport()
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(0)).to(device)
+    copy_into = torch.empty_like(x)
+    copy_s = median_seconds(lambda: copy_into.copy_(x), device, repeats)
+    rows = [{"part": "exchange", "numel": numel, "method": "device copy", "piece": "copy", "seconds": copy_s}]
+    del copy_into
+    for name, (scheme, comp, block, scope) in SCHEMES.items():
+        ex = make_exchange(scheme, transport, ShardLayout(numel, 1, block), get_compressor(comp), CommStats(), 0, scope)
+        state: dict = {}
+        ex.init_state(state, torch.zeros(numel, device=device))
+        step = [0]
+
+        def whole(ex=ex, state=state, step=step) -> None:
+            step[0] += 1
+            ex.exchange(x, state, step=step[0])
+
+        pieces = [("whole exchange", whole)]
+        if scheme != "none":
+            pieces.insert(0, ("worker encode", lambda ex=ex: ex.encode_up(x, step=1, group=0)))
+        for piece, fn in pieces:
+            seconds = median_seconds(fn, device, repeats)
+            rows.append({"part": "exchange", "numel": numel, "method": name, "piece": piece, "seconds": seconds})
+        del state, ex
+    for r in rows:
+        r["times_copy"] = r["seconds"] / copy_s
+    return rows
+
+
+def gpt2_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Part 2: one GPT-2 training step per optimizer: whole step, optimizer step, peak memory."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        n_positions=args.gpt2_seq,
+        n_layer=args.gpt2_layers,
+        n_embd=args.gpt2_width,
+        n_head=max(1, args.gpt2_width // 64),
+        vocab_size=args.gpt2_vocab,
+        bos_token_id=args.gpt2_vocab - 1,
+        eos_token_id=args.gpt2_vocab - 1,
+    )
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (args.gpt2_batch, args.gpt2_seq), generator=gen).to(device)
+    builders = {
+        "AdamW (torch, fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=device.type == "cuda"),
+        "CDAdam (block 2048)": lambda ps: CDAdam(ps, lr=1e-4, block_size=2048),
+        "OneBitAdam (compressed phase)": lambda ps: OneBitAdam(ps, lr=1e-4, freeze_step=1),
+    }
+    rows = []
+    for name, build in builders.items():
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(config).to(device)
+        opt = build(model.parameters())
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        step_s, opt_s = [], []
+        for i in range(args.warmup + args.steps):  # the warm-up also takes OneBitAdam past its freeze_step
+            synchronize(device)
+            t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            synchronize(device)
+            t1 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            synchronize(device)
+            t2 = time.perf_counter()
+            if i >= args.warmup:
+                step_s.append(t2 - t0)
+                opt_s.append(t2 - t1)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        rows.append(
+            {
+                "part": "gpt2",
+                "numel": sum(p.numel() for p in model.parameters()),
+                "method": name,
+                "piece": "whole step",
+                "seconds": statistics.median(step_s),
+                "peak_gib": peak,
+            }
+        )
+        rows.append({**rows[-1], "piece": "optimizer step", "seconds": statistics.median(opt_s)})
+        del model, opt
+    adamw_opt = next(r["seconds"] for r in rows if r["piece"] == "optimizer step" and r["method"].startswith("AdamW"))
+    for r in rows:
+        r["times_adamw_optimizer"] = r["seconds"] / adamw_opt if r["piece"] == "optimizer step" else ""
+    return rows
+
+
+def upstream_onebit_note() -> str:
+    try:
+        import cupy  # noqa: F401
+        from deepspeed.runtime.fp16.onebit.adam import OnebitAdam  # noqa: F401
+    except ImportError as err:
+        return f"DeepSpeed 0.19.6's own OnebitAdam: not measured ({err}; it needs deepspeed 0.19.6 and cupy)."
+    return "DeepSpeed 0.19.6's own OnebitAdam: installed; run it through deepspeed.initialize to compare (not automated)."
+
+
+def plot(rows: list[dict], title: str, path: Path) -> None:
+    exch = [r for r in rows if r["part"] == "exchange" and r["method"] != "device copy"]
+    sizes = sorted({r["numel"] for r in exch})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
+    for ax, numel in zip(axes[0], sizes):
+        mine = [r for r in exch if r["numel"] == numel]
+        labels = [f"{r['method']}\n{r['piece']}" for r in mine]
+        ax.barh(labels, [r["times_copy"] for r in mine], color="tab:blue")
+        for target, colour in ((4, "tab:orange"), (10, "tab:red")):
+            ax.axvline(target, color=colour, linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("time / device copy of the buffer")
+        ax.set_title(f"{numel / 1e6:,.0f}M fp32 params")
+        ax.tick_params(axis="y", labelsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--sizes", type=float, nargs="+", default=[110e6, 1e9])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--gpt2-layers", type=int, default=12, help="12: GPT-2 small (124M)")
+    parser.add_argument("--gpt2-width", type=int, default=768)
+    parser.add_argument("--gpt2-vocab", type=int, default=50257)
+    parser.add_argument("--gpt2-batch", type=int, default=8)
+    parser.add_argument("--gpt2-seq", type=int, default=512)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--skip-gpt2", action="store_true")
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    args = parser.parse_args()
+
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    dist.init_process_group(
+        "nccl" if use_cuda else "gloo", rank=0, world_size=1, timeout=datetime.timedelta(seconds=600)
+    )
+    card = torch.cuda.get_device_name(device) if use_cuda else f"CPU {platform.processor() or platform.machine()}"
+    title = f"{card}, torch {torch.__version__}, world of 1 rank ({dist.get_backend()})"
+
+    rows: list[dict] = []
+    for numel in (int(s) for s in args.sizes):
+        rows += exchange_rows(numel, device, args.repeats)
+    if not args.skip_gpt2:
+        rows += gpt2_rows(args, device)
+
+    lines = [title, upstream_onebit_note(), ""]
+    for r in rows:
+        ratio = f"{r['times_copy']:8.1f}x copy" if "times_copy" in r else ""
+        if r.get("times_adamw_optimizer") not in ("", None):
+            ratio = f"{r['times_adamw_optimizer']:8.1f}x fused AdamW's optimizer step"
+        peak = f", peak {r['peak_gib']:.2f} GiB" if "peak_gib" in r and r["peak_gib"] == r["peak_gib"] else ""
+        lines.append(
+            f"{r['part']:8} {r['numel'] / 1e6:8.1f}M {r['method']:38} {r['piece']:15} "
+            f"{r['seconds'] * 1e3:10.3f} ms {ratio}{peak}"
+        )
+    text = "\n".join(lines)
+    print(text)
+
+    args.results.mkdir(parents=True, exist_ok=True)
+    fields = ["device", "part", "numel", "method", "piece", "seconds", "times_copy", "times_adamw_optimizer", "peak_gib"]
+    with open(args.results / "gpu.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fields)
+        writer.writeheader()
+        writer.writerows({**r, "device": card} for r in rows)
+    (args.results / "gpu.txt").write_text(text + "\n")
+    plot(rows, title, args.results / "gpu.png")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
