@@ -2,6 +2,14 @@
 
 from .accounting import CommStats
 from .layout import ShardLayout
-from .transport import InProcessWorld, TorchDistributedTransport, Transport
+from .transport import InProcessWorld, Pending, TorchDistributedTransport, Transport, node_groups
 
-__all__ = ["CommStats", "InProcessWorld", "ShardLayout", "TorchDistributedTransport", "Transport"]
+__all__ = [
+    "CommStats",
+    "InProcessWorld",
+    "Pending",
+    "ShardLayout",
+    "TorchDistributedTransport",
+    "Transport",
+    "node_groups",
+]

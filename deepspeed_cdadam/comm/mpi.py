@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from .transport import Transport
+from collections.abc import Sequence
+
+from .transport import Transport, _chunk_width, check_partition
 
 
 class MpiTransport(Transport):
@@ -53,3 +55,14 @@ class MpiTransport(Transport):
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         total = self._run(lambda s, r: self.comm.Allreduce(s, r, op=self._MPI.SUM), x, torch.empty_like(x))
         return x.copy_(total)
+
+    def reduce_scatter_sum(self, send: torch.Tensor) -> torch.Tensor:
+        width = _chunk_width(send, self.world_size)
+        op = lambda s, r: self.comm.Reduce_scatter_block(s, r, op=self._MPI.SUM)  # noqa: E731
+        return self._run(op, send, send.new_empty(width))
+
+    def split(self, groups: Sequence[Sequence[int]]) -> MpiTransport:
+        """``MPI.Comm.Split`` by group (collective over this communicator)."""
+        parts = check_partition(groups, self.world_size)
+        color = next(i for i, p in enumerate(parts) if self.rank in p)
+        return MpiTransport(self.comm.Split(color, parts[color].index(self.rank)), cuda_aware=self.cuda_aware)

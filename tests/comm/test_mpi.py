@@ -27,3 +27,8 @@ def test_mpi_matches_simulator(tmp_path, world_size):
             got = torch.load(tmp_path / f"{case}-{rank}.pt")
             assert max_abs_diff(got["history"], expected) <= 1e-12, (case, rank)
             assert got["bytes_sent"] > 0
+    total = sum(range(1, world_size + 1))  # reduce_scatter of arange(2n) * (rank + 1)
+    for rank in range(world_size):
+        got = torch.load(tmp_path / f"collectives-{rank}.pt")
+        assert got["reduce_scatter"].tolist() == [2.0 * rank * total, (2.0 * rank + 1) * total]
+        assert got["sub_sum"].item() == sum(range(rank % 2, world_size, 2)) and got["sub_rank"] == rank // 2
