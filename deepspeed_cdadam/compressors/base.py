@@ -34,12 +34,33 @@ def from_bytes(b: torch.Tensor, dtype: torch.dtype, count: int) -> torch.Tensor:
     return b[:n].clone().view(dtype)
 
 
+#: Values of ``Compressor.randomness``.
+RANDOMNESS = ("none", "shared", "per_rank")
+#: Values of ``Compressor.payload_size``.
+PAYLOAD_SIZES = ("fixed", "variable")
+
+
 class Compressor(ABC):
-    """``C``: a (possibly biased, contractive) compression operator."""
+    """``C``: a (possibly biased, contractive) compression operator.
+
+    Capabilities, declared by each compressor so that exchanges choose their collectives from
+    them instead of from concrete classes:
+
+    * ``linear``: payloads of the same seed add up in compressed space (``C(x) + C(y)`` is the
+      decompression of the summed payloads: a count sketch), so a reduce-scatter / all-reduce of
+      payloads replaces the all-to-all of per-sender messages.
+    * ``randomness``: ``"none"`` (deterministic), ``"shared"`` (drawn from the message seed every
+      rank derives alike: every receiver can replay it) or ``"per_rank"`` (private to the sender).
+    * ``payload_size``: ``"fixed"`` (the wire size depends only on the capacity and block count)
+      or ``"variable"`` (a header says how much of a fixed envelope is real; bytes are counted as sent).
+    """
 
     name: str = "compressor"
     #: Longest vector (one shard) the wire format can describe, or None for no limit.
     max_numel: int | None = None
+    linear: bool = False
+    randomness: str = "none"
+    payload_size: str = "fixed"
 
     @abstractmethod
     def compress(self, x: torch.Tensor, block_sizes: Sequence[int], *, seed: int = 0) -> Compressed:

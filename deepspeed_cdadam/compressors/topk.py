@@ -91,6 +91,8 @@ class RandK(_Sparsifier):
     """Keep ``k`` coordinates chosen by a generator seeded with the shared ``seed``."""
 
     name = "randk"
+    randomness = "shared"  # indices drawn from the message seed: only values travel
+    linear = True  # with one seed the indices agree, so summed values are the sum of the C(x_i)
 
     def rand_indices(self, numel: int, seed: int) -> torch.Tensor:
         gen = torch.Generator(device="cpu").manual_seed(seed)
