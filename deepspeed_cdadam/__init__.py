@@ -16,28 +16,46 @@ def _register_with_deepspeed() -> None:
     """Register our optimizer types with DeepSpeed: now if its engine is imported, else the moment it is.
 
     Importing this package never imports deepspeed itself (that takes seconds and is optional).
+    Registration runs inside ``import deepspeed``, after its engine module and after its pipeline
+    engine module have loaded (DeepSpeed 0.19.6 loads the engine first, 0.19.7+ the pipeline engine,
+    which imports the engine); it never raises (``integration.deepspeed.register`` warns and leaves
+    DeepSpeed unpatched instead), so ``import deepspeed`` keeps working.
     """
     import importlib.abc
     import importlib.util
     import sys
+    import warnings
 
-    engine_module = "deepspeed.runtime.engine"
+    watched = ("deepspeed.runtime.engine", "deepspeed.runtime.pipe.engine")
 
     def register() -> None:
-        from .integration.deepspeed import register as _register
+        try:
+            from .integration.deepspeed import register as _register
 
-        _register()
+            _register()
+        except Exception as err:  # noqa: BLE001 - e.g. our integration module failing to import
+            warnings.warn(
+                f"deepspeed_cdadam: registering with DeepSpeed failed ({type(err).__name__}: {err}); "
+                "DeepSpeed is left unpatched.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
-    if engine_module in sys.modules:
+    if watched[0] in sys.modules:
         register()
         return
 
     class _RegisterWhenEngineLoads(importlib.abc.MetaPathFinder):
+        def __init__(self) -> None:
+            self.waiting = set(watched)
+
         def find_spec(self, name, path, target=None):
-            if name != engine_module:
+            if name not in self.waiting:
                 return None
-            sys.meta_path.remove(self)
-            spec = importlib.util.find_spec(name)
+            self.waiting.discard(name)
+            if not self.waiting:
+                sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)  # the other finders' spec (we no longer wait for it)
             if spec is not None and spec.loader is not None:
                 exec_module = spec.loader.exec_module
 

@@ -9,7 +9,10 @@ ranks together (one small all-reduce), so they all restore, all reset, or all ra
 * files are missing (another world size, or a checkpoint from before): the compression state is
   reset on every rank, with a warning; moments, step counts and weights are kept;
 * any file is unreadable (corrupted, truncated) or was written by another optimizer type or for
-  another parameter layout: ``CheckpointMismatchError`` on every rank, naming the problem.
+  another parameter layout: ``CheckpointMismatchError`` on every rank, naming the problem;
+* ``restore=False`` on every rank (the framework did not load optimizer states: a warm start):
+  no file is read and the compression state is left as it is; ``restore`` differing between
+  ranks is a ``CheckpointMismatchError`` on every rank.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from .types import PER_RANK_KEYS, STEP
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-_OK, _MISSING, _BAD = 0, 1, 2
+_OK, _MISSING, _BAD, _SKIPPED = 0, 1, 2, 3
 
 
 class CheckpointMismatchError(ValueError):
@@ -107,13 +110,34 @@ def check_loaded_state(optimizer: Any) -> None:
             )
 
 
-def load_rank_state(optimizer: Any, directory: str) -> bool:
-    """Restore this rank's compression state (True), or reset it on every rank (False); see the module doc."""
+def load_rank_state(optimizer: Any, directory: str, restore: bool = True) -> bool:
+    """Restore this rank's compression state (True), or reset it on every rank (False); see the module doc.
+
+    ``restore=False`` (the optimizer states were not loaded): nothing is read or changed (False).
+    Every rank decides together, so all restore, all reset, all skip, or all raise.
+    """
     tr = optimizer.transport
-    code, problem, saved = _read(optimizer, rank_state_path(directory, tr.rank, tr.world_size))
+    if restore:
+        code, problem, saved = _read(optimizer, rank_state_path(directory, tr.rank, tr.world_size))
+    else:
+        code, problem, saved = _SKIPPED, "", None
     codes = torch.zeros(tr.world_size, device=control_device(tr))
     codes[tr.rank] = float(code)
     codes = tr.all_reduce_sum(codes).cpu()
+    skipped = [r for r in range(tr.world_size) if codes[r] == _SKIPPED]
+    if skipped and len(skipped) < tr.world_size:
+        raise CheckpointMismatchError(
+            f"Ranks disagree on loading the optimizer states from {directory}: rank(s) {skipped} load without them "
+            "(load_optimizer_states=False or load_module_only=True), the others with them. Pass the same "
+            "load_checkpoint arguments on every rank."
+        )
+    if skipped:
+        logger.info(
+            "Optimizer states not loaded from %s (load_optimizer_states=False or load_module_only=True): the "
+            "per-rank compression state is not restored; the optimizer state is kept as it was.",
+            directory,
+        )
+        return False
     bad = [r for r in range(tr.world_size) if codes[r] == _BAD]
     if bad:
         raise CheckpointMismatchError(

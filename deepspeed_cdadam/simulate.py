@@ -106,7 +106,11 @@ class Reference(ABC):
 
 
 class AMSGradStep:
-    """``m, v, vhat`` and the update ``x -= lr * m / sqrt(vhat + eps)`` (+ decoupled weight decay)."""
+    """``m, v, vhat`` and the update ``x -= lr * m / sqrt(vhat + eps)`` (+ decoupled weight decay).
+
+    With ``bias_correction`` (not in the paper): ``x -= lr * mhat / sqrt(vhat / (1 - b2^t) + eps)``
+    with ``mhat = m / (1 - b1^t)``, t counting the calls (torch.optim.Adam's correction, eps inside).
+    """
 
     def __init__(
         self,
@@ -117,17 +121,26 @@ class AMSGradStep:
         eps: float,
         weight_decay: float,
         amsgrad: bool,
+        bias_correction: bool = False,
     ):
         self.m = torch.zeros(d, dtype=dtype)
         self.v = torch.zeros(d, dtype=dtype)
         self.vhat = torch.zeros(d, dtype=dtype)
         self.lr, (self.b1, self.b2), self.eps, self.wd, self.amsgrad = lr, betas, eps, weight_decay, amsgrad
+        self.bias_correction = bias_correction
+        self.t = 0
 
     def __call__(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        self.t += 1
         self.m = self.b1 * self.m + (1 - self.b1) * g
         self.v = self.b2 * self.v + (1 - self.b2) * g * g
         self.vhat = torch.maximum(self.vhat, self.v) if self.amsgrad else self.v
-        return x * (1 - self.lr * self.wd) - self.lr * (self.m / (self.vhat + self.eps).sqrt())
+        if self.bias_correction:
+            mhat = self.m / (1 - self.b1**self.t)
+            direction = mhat / (self.vhat / (1 - self.b2**self.t) + self.eps).sqrt()
+        else:
+            direction = self.m / (self.vhat + self.eps).sqrt()
+        return x * (1 - self.lr * self.wd) - self.lr * direction
 
 
 class AdaptiveReference(Reference):
@@ -140,14 +153,17 @@ class AdaptiveReference(Reference):
         layout=None,
         *,
         lr=1e-3,
-        betas=(0.9, 0.999),
+        betas=(0.9, 0.99),
         eps=1e-8,
         weight_decay=0.0,
         amsgrad=True,
+        bias_correction=False,
         compressor: str | Compressor | None = "scaled_sign",
     ):
         super().__init__(x0, n_workers, layout, compressor)
-        self.update = AMSGradStep(self.x.numel(), self.x.dtype, lr, betas, eps, weight_decay, amsgrad)
+        self.update = AMSGradStep(
+            self.x.numel(), self.x.dtype, lr, betas, eps, weight_decay, amsgrad, bias_correction
+        )
 
     def zeros(self) -> torch.Tensor:
         return torch.zeros_like(self.x)

@@ -31,6 +31,9 @@ EXP_AVG = "exp_avg"  # m_t
 EXP_AVG_SQ = "exp_avg_sq"  # v_t
 MAX_EXP_AVG_SQ = "max_exp_avg_sq"  # \hat v_t
 DOWN_MARKOV_STATE = "down_markov_state"  # \tilde g_t, the server->worker Markov state (same on all ranks)
+# fp32 master copy of a group's fp16/bf16 parameters (flat; absent for fp32/fp64 parameters). The
+# update is applied to it and the parameters receive it rounded to their dtype.
+MASTER_PARAMS = "master_params"
 
 # Keys for per-rank state (differs between ranks; saved per rank).
 MARKOV_STATE = "markov_state"  # \hat g^{(i)}_t, worker i's Markov state

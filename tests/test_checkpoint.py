@@ -81,3 +81,32 @@ def test_state_from_another_optimizer_is_an_error():
     opt.load_state_dict(adam.state_dict())
     with pytest.raises(CheckpointMismatchError, match="was not written by CDAdam"):
         load_rank_state(opt, "/nonexistent")
+
+
+def test_warm_start_reads_no_file_and_keeps_the_optimizer_state(tmp_path):
+    """restore=False (load_optimizer_states=False / load_module_only=True): nothing read, nothing reset."""
+    _save_all(tmp_path)
+    Path(rank_state_path(str(tmp_path), 1, 2)).write_bytes(b"not read")
+
+    def worker(rank, tr):
+        opt = _trained(CDAdam, rank, tr, steps=2)
+        state = opt.state[opt.param_groups[0]["params"][0]]
+        before = {k: v.clone() for k, v in state.items() if torch.is_tensor(v)}
+        assert load_rank_state(opt, str(tmp_path), restore=False) is False
+        assert all(torch.equal(state[k], v) for k, v in before.items()) and state["step"] == 2
+
+    InProcessWorld(2).run(worker)
+
+
+def test_ranks_disagreeing_on_restoring_is_an_error_on_every_rank(tmp_path):
+    _save_all(tmp_path)
+    errors = [None, None]
+
+    def worker(rank, tr):
+        try:
+            load_rank_state(_trained(CDAdam, rank, tr), str(tmp_path), restore=rank == 0)
+        except CheckpointMismatchError as err:
+            errors[rank] = str(err)
+
+    InProcessWorld(2).run(worker)
+    assert all(e is not None and "rank(s) [1] load without them" in e for e in errors), errors

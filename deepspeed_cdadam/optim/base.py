@@ -5,6 +5,12 @@ Each parameter group is one flat buffer: the gradients of its parameters (those 
 concatenated in order, exchanged with one pair of collectives, and the update is applied back to
 each parameter's slice. The group's state (moments and compression state, all flat) lives in
 ``self.state[group["params"][0]]``; its per-rank entries are listed in ``types.PER_RANK_KEYS``.
+
+Low-precision parameters (fp16, bf16) get fp32 master weights: the group state holds a flat fp32
+copy (``types.MASTER_PARAMS``), the update is applied to it, and the parameters receive it rounded
+to their dtype. Without it an update smaller than half a bf16 ulp (lr 1e-4 on a weight near 1.0)
+would be rounded away at every step. fp32/fp64 parameters are updated in place and have no copy.
+(Inside DeepSpeed the engine's fp16/bf16 wrappers already hand the optimizer fp32 parameters.)
 """
 
 from __future__ import annotations
@@ -22,13 +28,13 @@ from ..comm.transport import TorchDistributedTransport, Transport, check_on_tran
 from ..compressors.base import Compressor
 from ..compressors.registry import get_compressor
 from ..exchange import EXCHANGE_NAMES, Exchange, check_worker_scale_scope, make_exchange
-from ..types import DOWN_MARKOV_STATE, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, PER_RANK_KEYS, STEP
+from ..types import DOWN_MARKOV_STATE, EXP_AVG, EXP_AVG_SQ, MASTER_PARAMS, MAX_EXP_AVG_SQ, PER_RANK_KEYS, STEP
 from .safety import NONFINITE_POLICIES, check_ranks_agree, ranks_with_nonfinite
 
 logger = logging.getLogger(__name__)
 
 #: State that must be bit-identical on every rank.
-RANK_IDENTICAL_KEYS = (EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, DOWN_MARKOV_STATE)
+RANK_IDENTICAL_KEYS = (EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, DOWN_MARKOV_STATE, MASTER_PARAMS)
 
 
 def _is_number(v: object) -> bool:
@@ -185,6 +191,55 @@ class CompressedOptimizer(torch.optim.Optimizer):
         """The group's flat state, kept under its first parameter (created empty)."""
         return self.state[group["params"][0]]
 
+    # --- fp32 master weights for fp16/bf16 parameters ---------------------------------------
+    def update_targets(self, params: list[torch.Tensor], state: dict[str, Any]) -> list[torch.Tensor]:
+        """What the update is applied to: ``params`` themselves, or (fp16/bf16) the group's fp32 master copy.
+
+        The master is created from the parameters on first use (also for a state loaded from a
+        checkpoint that has none). A parameter changed outside the optimizer since the last step
+        (its value no longer equals the master rounded to its dtype) wins: the master takes its value.
+        """
+        dtype = self.buffer_dtype(params)
+        if params[0].dtype == dtype:
+            return params
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        master = state.get(MASTER_PARAMS)
+        if master is None or master.numel() != flat.numel():
+            master = state[MASTER_PARAMS] = flat.to(dtype)
+        else:
+            if master.dtype != dtype or master.device != flat.device:
+                master = state[MASTER_PARAMS] = master.to(device=flat.device, dtype=dtype)
+            torch.where(master.to(flat.dtype) == flat, master, flat.to(dtype), out=master)
+        return [master]
+
+    @staticmethod
+    def copy_master_to_params(params: list[torch.Tensor], state: dict[str, Any]) -> None:
+        """Round the fp32 master (if any) into the fp16/bf16 parameters."""
+        master = state.get(MASTER_PARAMS)
+        if master is None or params[0].dtype == master.dtype:
+            return
+        offset = 0
+        for p in params:
+            p.detach().copy_(master[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, keeping fp32 buffers for fp16/bf16 parameters.
+
+        torch casts every floating-point state tensor to its parameter's dtype; our flat buffers
+        (moments, compression state, master weights) stay in ``buffer_dtype`` (fp32 for fp16/bf16).
+        """
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            for p, saved_id in zip(group["params"], saved_group["params"]):
+                dtype = torch.promote_types(p.dtype, torch.float32)
+                if p.dtype == dtype or saved_id not in saved or p not in self.state:
+                    continue
+                for key, value in saved[saved_id].items():
+                    if key != STEP and torch.is_tensor(value) and value.is_floating_point():
+                        self.state[p][key] = value.to(device=p.device, dtype=dtype)
+
     # --- the step template ----------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -209,7 +264,9 @@ class CompressedOptimizer(torch.optim.Optimizer):
                 zeros = torch.zeros(grad.numel(), dtype=grad.dtype, device=grad.device)
                 self.init_group_state(index, group, state, zeros)
             state[STEP] += 1
-            self.group_step(index, group, params, state, grad)
+            targets = self.update_targets(params, state)  # params, or their fp32 master copy
+            self.group_step(index, group, targets, state, grad)
+            self.copy_master_to_params(params, state)
         self.steps_taken += 1
         if self.consistency_check_every and self.steps_taken % self.consistency_check_every == 0:
             self.check_ranks_agree()
@@ -281,4 +338,8 @@ class CompressedOptimizer(torch.optim.Optimizer):
     def group_step(
         self, index: int, group: dict[str, Any], params: list[torch.Tensor], state: dict[str, Any], grad: torch.Tensor
     ) -> None:
-        """Exchange ``grad`` (this rank's flat gradient) and update ``params``; ``state[STEP]`` is already t."""
+        """Exchange ``grad`` (this rank's flat gradient) and update ``params``; ``state[STEP]`` is already t.
+
+        ``params`` are the tensors to update in place: the group's parameters, or for fp16/bf16
+        parameters a one-element list holding their flat fp32 master copy.
+        """

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..comm.transport import Transport
+from ..comm.transport import DEFAULT_TIMEOUT_S, Transport
 from ..compressors.base import Compressor
 from ..compressors.registry import get_compressor
 from ..types import DOWN_MARKOV_STATE, STEP
@@ -31,13 +31,21 @@ class EF21(CompressedOptimizer):
     value per kept coordinate on the wire). SGD needs its own lr (about 0.01-0.1 for a ResNet,
     not Adam's 1e-4); ``weight_decay`` is decoupled as in AdamW.
 
+    The default ``ratio`` 0.016 is the paper's (K = 0.016 d, section 7.2): it was chosen there so
+    that EF21 sends about the bytes of CD-Adam's scaled sign. Each kept coordinate costs an fp32
+    value and an int32 index, 64 bits, so 0.016 d coordinates cost 1.02 bits per coordinate of
+    the model, like 1 sign bit plus the scales.
+
     Args:
         params: parameters or parameter groups.
         lr, weight_decay: SGD step size and decoupled weight decay.
         compressor: "topk" (default), "randk", "scaled_sign", "sign_l2", or a ``Compressor``.
-        ratio: kept fraction for "topk" / "randk" (default 0.01); refused for the others.
+        ratio: kept fraction for "topk" / "randk" (default 0.016, the paper's); refused for the others.
         Other keyword arguments: as ``CDAdam`` (block_size, transport, timeout_s, seed, ...).
     """
+
+    #: The paper's K = 0.016 d: top-k's 64 bits per kept coordinate then cost about one bit per coordinate.
+    DEFAULT_RATIO = 0.016
 
     def __init__(
         self,
@@ -50,12 +58,14 @@ class EF21(CompressedOptimizer):
         block_size: int | None = None,
         transport: Transport | None = None,
         process_group: object | None = None,
-        timeout_s: float = 300.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         seed: int = 0,
         nonfinite_grads: str = "error",
         consistency_check_every: int = 0,
     ) -> None:
         validate_adam_hparams(lr, (0.0, 0.0), 1.0, weight_decay)
+        if ratio is None and isinstance(compressor, str) and compressor in ("topk", "randk"):
+            ratio = self.DEFAULT_RATIO
         if isinstance(compressor, str):
             compressor = get_compressor(compressor, ratio=ratio)  # a ratio for a sign compressor is an error
         elif ratio is not None:

@@ -14,10 +14,14 @@ def amsgrad_direction(
     beta1: float,
     beta2: float,
     eps: float,
+    bias_correction_step: int | None = None,
 ) -> torch.Tensor:
     """CD-Adam's worker update (Algorithm 1, lines 13-16), in place on the moments.
 
     Returns ``m_t / sqrt(vhat_t + eps)``; with ``max_exp_avg_sq=None`` (Adam) ``v_t`` replaces ``vhat_t``.
+    With ``bias_correction_step=t`` (opt-in, not in the paper): Adam's bias correction,
+    ``(m_t / (1 - beta1^t)) / sqrt(vhat_t / (1 - beta2^t) + eps)`` (as ``torch.optim.Adam`` with
+    amsgrad: the max is taken over uncorrected ``v``, then corrected; eps stays inside the root).
     """
     # (6) m_t = beta1 m_{t-1} + (1 - beta1) gtil_t
     exp_avg.mul_(beta1).add_(estimate, alpha=1 - beta1)
@@ -28,6 +32,10 @@ def amsgrad_direction(
     if max_exp_avg_sq is not None:
         torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
         second = max_exp_avg_sq
+    if bias_correction_step is not None:
+        # (9') direction = (m_t / (1 - beta1^t)) / sqrt(vhat_t / (1 - beta2^t) + eps)
+        t = bias_correction_step
+        return (exp_avg / (1 - beta1**t)) / (second / (1 - beta2**t) + eps).sqrt()
     # (9) direction = m_t / sqrt(vhat_t + eps)
     return exp_avg / (second + eps).sqrt()
 

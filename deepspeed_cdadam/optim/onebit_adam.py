@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..comm.transport import Transport
+from ..comm.transport import DEFAULT_TIMEOUT_S, Transport
 from ..compressors.base import Compressor
 from ..types import EXP_AVG, EXP_AVG_SQ, STEP
 from .base import CompressedOptimizer, validate_adam_hparams
@@ -64,7 +64,7 @@ class OneBitAdam(CompressedOptimizer):
         block_size: int | None = None,
         transport: Transport | None = None,
         process_group: object | None = None,
-        timeout_s: float = 300.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         seed: int = 0,
         worker_scale_scope: str = "block",
         nonfinite_grads: str = "error",

@@ -6,6 +6,7 @@ deepspeed --num_gpus 2 tests/integration/ds_pipe.py --deepspeed_config cfg.json 
 from __future__ import annotations
 
 import argparse
+import datetime
 
 import deepspeed
 import torch
@@ -20,7 +21,7 @@ parser.add_argument("--out", required=True)
 parser = deepspeed.add_config_arguments(parser)
 args = parser.parse_args()
 torch.set_num_threads(1)  # the launchers differ (mpiexec binds a core per rank): same kernels, same bits
-deepspeed.init_distributed(dist_backend="gloo")
+deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
 rank = torch.distributed.get_rank()
 
 torch.manual_seed(0)

@@ -11,6 +11,7 @@ engine (started from other weights) and continues to ``--steps``.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 
 import deepspeed
@@ -29,6 +30,11 @@ parser.add_argument("--model", choices=("mlp", "single"), default="mlp", help="s
 parser.add_argument("--upstream", action="store_true", help="DeepSpeed's own OnebitAdam on a CPU backend")
 parser.add_argument("--mpu", action="store_true", help="pass a model-parallel unit (model parallel size 1)")
 parser.add_argument("--load-from", default="", help="only load this checkpoint (any world size), record, train 2 steps")
+parser.add_argument(
+    "--drop-deepspeed-overflow-agreement",
+    action="store_true",
+    help="DeepSpeed's fp16 overflow check without its data-parallel all-reduce (as if a release removed it)",
+)
 parser = deepspeed.add_config_arguments(parser)
 args = parser.parse_args()
 torch.set_num_threads(1)  # the launchers differ (mpiexec binds a core per rank): same kernels, same bits
@@ -38,8 +44,18 @@ with open(args.deepspeed_config) as fh:
 
         # The CPU accelerator says fp16 is unsupported (it is slow, not wrong): allow it for the tests.
         get_accelerator().is_fp16_supported = lambda: True
-deepspeed.init_distributed(dist_backend="gloo")
+deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))  # nothing waits forever
 rank = torch.distributed.get_rank()
+
+if args.drop_deepspeed_overflow_agreement:
+    from deepspeed.runtime.utils import CheckOverflow
+
+    def local_overflow_only(self, params, has_moe_params=None):
+        """DeepSpeed's has_overflow minus its branch that all-reduces the flag over the data-parallel
+        ranks when the engine's gradient all-reduce is off (kept upstream for its 1-bit optimizers)."""
+        return bool(self.has_overflow_serial(params))
+
+    CheckOverflow.has_overflow = local_overflow_only
 
 
 IN, OUT = (13, 5) if args.model == "mlp" else (16, 8)

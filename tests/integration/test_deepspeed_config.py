@@ -13,7 +13,7 @@ import torch
 
 deepspeed = pytest.importorskip("deepspeed")
 
-from deepspeed_cdadam import CDAdam
+from deepspeed_cdadam import CDAdam, InProcessWorld, OneBitAdam, Transport
 from deepspeed_cdadam.integration.deepspeed import register
 
 
@@ -51,7 +51,7 @@ def _init(optimizer: dict, **extra):
             (
                 "Unknown key optimizer.params.betaz for optimizer type 'cdadam'. Allowed: lr, betas, eps, weight_decay, "
                 "compressor, block_size, comm_backend_name, cuda_aware, timeout_s, seed, worker_scale_scope, "
-                "nonfinite_grads, consistency_check_every, amsgrad, exchange. Did you mean 'betas'?"
+                "nonfinite_grads, consistency_check_every, amsgrad, exchange, bias_correction. Did you mean 'betas'?"
             ),
         ),
         (
@@ -240,3 +240,200 @@ def test_ef21_unknown_key_names_the_allowed_ones():
         ValueError, match=r"Unknown key optimizer.params.betas for optimizer type 'ef21'\. Allowed: lr, "
     ):
         _init({"type": "EF21", "params": {"lr": 0.1, "betas": [0.9, 0.99]}})
+
+
+# --- warm start: load_checkpoint without optimizer states ---------------------------------------
+
+
+@pytest.mark.parametrize("load_kwargs", [{"load_optimizer_states": False}, {"load_module_only": True}])
+def test_warm_start_without_optimizer_states_loads_the_weights_and_starts_fresh(tmp_path, load_kwargs):
+    engine, _, _, _ = _init({"type": "CDAdam", "params": {"lr": 0.01}})
+    _steps(engine, 2)
+    engine.save_checkpoint(str(tmp_path))
+    fresh, _, _, _ = _init({"type": "CDAdam", "params": {"lr": 0.01}})
+    assert not torch.equal(fresh.module.weight, engine.module.weight)
+    path, _ = fresh.load_checkpoint(str(tmp_path), **load_kwargs)
+    assert path is not None
+    assert torch.equal(fresh.module.weight, engine.module.weight) and torch.equal(fresh.module.bias, engine.module.bias)
+    assert not fresh.basic_optimizer.state  # fresh optimizer state: nothing restored into it
+    _steps(fresh, 1)
+    (state,) = fresh.basic_optimizer.state.values()
+    assert state["step"] == 1
+
+
+def test_warm_start_under_bf16_trains_from_the_loaded_weights(tmp_path):
+    """A fine-tune from an Adam pre-training checkpoint: the bf16 wrapper's fp32 master weights must
+    be the loaded ones, or the first step writes the fresh model's weights back."""
+    pre, _, _, _ = _init({"type": "Adam", "params": {"lr": 0.01, "torch_adam": True}}, bf16={"enabled": True})
+    pre.backward(pre(torch.ones(2, 4, dtype=torch.bfloat16)).float().sum())
+    pre.step()
+    pre.save_checkpoint(str(tmp_path))
+    tune, _, _, _ = _init({"type": "CDAdam", "params": {"lr": 0.0, "weight_decay": 0.0}}, bf16={"enabled": True})
+    tune.load_checkpoint(str(tmp_path), load_optimizer_states=False, load_lr_scheduler_states=False)
+    tune.backward(tune(torch.ones(2, 4, dtype=torch.bfloat16)).float().sum())
+    tune.step()  # lr 0: the weights stay the loaded ones
+    assert torch.equal(tune.module.weight, pre.module.weight)
+
+
+# --- client-built optimizers: deepspeed.initialize(optimizer=CDAdam(...)) ------------------------
+
+
+def _init_client(make_optimizer, seed=0, callable_optimizer=False, **extra):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 3)
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.0, **extra}
+    optimizer = make_optimizer if callable_optimizer else make_optimizer(model.parameters())
+    return deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+
+
+def _batches(engine, n, dtype=torch.float32):
+    for step in range(n):
+        x = torch.randn(2, 4, generator=torch.Generator().manual_seed(step)).to(dtype)
+        engine.backward(engine(x).float().pow(2).sum())
+        engine.step()
+
+
+def test_client_optimizer_is_handled_like_the_json_one():
+    from tests.integration.ds_common import count_allreduce_calls
+
+    client, _, _, _ = _init_client(lambda ps: CDAdam(ps, lr=0.01, betas=(0.9, 0.99)))
+    opt = client.basic_optimizer
+    assert isinstance(opt, CDAdam) and not client.enable_backward_allreduce
+    assert opt.param_names == {id(p): n for n, p in client.module.named_parameters()}
+    assert opt.transport.process_group is client.seq_data_parallel_group
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.0}
+    config["optimizer"] = {"type": "CDAdam", "params": {"lr": 0.01, "betas": [0.9, 0.99]}}
+    from_json, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    calls = [count_allreduce_calls(client), count_allreduce_calls(from_json)]
+    _batches(client, 3)
+    _batches(from_json, 3)
+    assert [c["allreduce"] for c in calls] == [0, 0]  # no fp32 all-reduce under the compressed one
+    assert torch.equal(client.module.weight, from_json.module.weight)
+
+
+@pytest.mark.parametrize("callable_optimizer", [False, True], ids=["instance", "callable"])
+def test_client_optimizer_under_bf16_does_not_count_the_wrapper_set_up_step(callable_optimizer):
+    engine, _, _, _ = _init_client(
+        lambda ps: CDAdam(ps, lr=0.01), callable_optimizer=callable_optimizer, bf16={"enabled": True}
+    )
+    assert isinstance(engine.basic_optimizer, CDAdam) and not engine.enable_backward_allreduce
+    assert not engine.basic_optimizer.state  # the wrapper's zero-gradient set-up step was not taken
+    _batches(engine, 2, torch.bfloat16)
+    (state,) = engine.basic_optimizer.state.values()
+    assert state["step"] == 2
+
+
+def test_client_onebitadam_turns_the_engine_allreduce_off_after_its_warmup():
+    engine, _, _, _ = _init_client(lambda ps: OneBitAdam(ps, lr=0.01, freeze_step=2))
+    assert engine.enable_backward_allreduce and engine.basic_optimizer.warmup_grads_are_averaged
+    _batches(engine, 2)
+    assert not engine.enable_backward_allreduce
+
+
+def test_client_optimizer_with_zero_is_refused():
+    with pytest.raises(ValueError, match=re.escape("Optimizer type 'CDAdam' does not support ZeRO")):
+        _init_client(lambda ps: CDAdam(ps, lr=0.01), zero_optimization={"stage": 1})
+
+
+def test_client_optimizer_with_a_transport_for_another_group_is_refused():
+    world = InProcessWorld(2)  # 2 ranks, the engine's data-parallel group has 1
+    with pytest.raises(ValueError, match="was built with a transport for another group"):
+        _init_client(lambda ps: CDAdam(ps, lr=0.01, transport=world.transports[0]))
+
+
+# --- MoE -------------------------------------------------------------------------------------
+
+
+class _MoEModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        from deepspeed.moe.layer import MoE
+
+        self.moe = MoE(hidden_size=4, expert=torch.nn.Linear(4, 4), num_experts=2, ep_size=1, k=1)
+        self.out = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(self.moe(x)[0])
+
+
+@pytest.mark.parametrize("client", [False, True], ids=["json", "client"])
+def test_moe_models_are_refused(client):
+    model = _MoEModel()
+    config = {"train_micro_batch_size_per_gpu": 2}
+    if client:
+        kwargs = {"optimizer": CDAdam(model.parameters(), lr=0.01)}
+    else:
+        config["optimizer"] = {"type": "CDAdam", "params": {"lr": 0.01}}
+        kwargs = {"model_parameters": model.parameters()}
+    with pytest.raises(ValueError, match=re.escape("Optimizer type 'CDAdam' does not support MoE models")):
+        deepspeed.initialize(model=model, config=config, **kwargs)
+
+
+# --- the fp16 wrapper ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fp16_on_cpu(monkeypatch):
+    from deepspeed.accelerator import get_accelerator
+
+    # The CPU accelerator says fp16 is unsupported (it is slow, not wrong): allow it for the tests.
+    monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: True)
+
+
+@pytest.mark.parametrize("type_name", ["OneBitAdam", "CDAdam", "EF21"])
+def test_fp16_wrapper_is_the_unfused_one_on_every_deepspeed_version(fp16_on_cpu, type_name):
+    """DeepSpeed 0.19.6 picks its flattening FP16_Optimizer for the name "OneBitAdam" (its own 1-bit
+    Adam's), 0.19.7+ the unfused one: ours get the unfused one everywhere."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    fp16 = {"enabled": True, "initial_scale_power": 4}
+    engine, _, _, _ = _init({"type": type_name, "params": {"lr": 0.01}}, fp16=fp16)
+    assert type(engine.optimizer) is FP16_UnfusedOptimizer
+    masters = engine.basic_optimizer.param_groups[0]["params"]
+    assert [m.shape for m in masters] == [p.shape for p in engine.module.parameters()]  # not flattened
+    assert all(m.dtype == torch.float32 for m in masters)
+    assert not any(engine.basic_optimizer.state.values())  # the set-up step was not taken
+    w0 = engine.module.weight.detach().clone()
+    _batches(engine, 1, torch.float16)
+    assert engine.basic_optimizer.steps_taken == 1 and not torch.equal(engine.module.weight, w0)
+
+
+# --- timeouts --------------------------------------------------------------------------------
+
+
+def test_timeout_default_is_the_transport_constant():
+    from deepspeed_cdadam.comm.transport import DEFAULT_TIMEOUT_S
+
+    engine, _, _, _ = _init({"type": "CDAdam", "params": {"lr": 0.01}})
+    assert engine.basic_optimizer.transport.timeout.total_seconds() == DEFAULT_TIMEOUT_S
+
+
+def test_timeout_with_mpi_is_logged_once_as_not_enforced(monkeypatch, caplog):
+    import deepspeed_cdadam.integration.deepspeed as integration
+
+    class FakeMpiTransport(Transport):  # one rank, no mpi4py needed
+        device = None
+        rank, world_size = 0, 1
+
+        def __init__(self, cuda_aware=False):
+            pass
+
+        def all_to_all(self, send):
+            return send.clone()
+
+        def all_gather(self, send):
+            return send.clone()
+
+        def all_reduce_sum(self, x):
+            return x
+
+    monkeypatch.setattr(integration, "MpiTransport", FakeMpiTransport)
+    monkeypatch.setattr(integration, "_mpi_timeout_logged", False, raising=False)
+    params = {"lr": 0.01, "comm_backend_name": "mpi", "timeout_s": 20}
+    with caplog.at_level("INFO", logger="deepspeed_cdadam.integration.deepspeed"):
+        _init({"type": "CDAdam", "params": params})
+        _init({"type": "CDAdam", "params": params})
+    notes = [r.getMessage() for r in caplog.records if "timeout_s" in r.getMessage()]
+    assert len(notes) == 1 and "MPI has no per-operation timeout" in notes[0]

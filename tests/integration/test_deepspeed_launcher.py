@@ -33,6 +33,13 @@ def write_config(directory: Path, optimizer: dict, **extra) -> Path:
 def launch(
     tmp_path: Path, optimizer: dict, *script_args: str, world_size: int = 2, save: bool = True, **extra
 ) -> list[dict]:
+    return launch_with_output(tmp_path, optimizer, *script_args, world_size=world_size, save=save, **extra)[0]
+
+
+def launch_with_output(
+    tmp_path: Path, optimizer: dict, *script_args: str, world_size: int = 2, save: bool = True, **extra
+) -> tuple[list[dict], str]:
+    """``launch``, also returning the ranks' output (stdout and stderr)."""
     config = write_config(tmp_path, optimizer, **extra)
     cmd = [
         *deepspeed_cmd(world_size, "tests/integration/ds_train.py"),
@@ -45,9 +52,9 @@ def launch(
         *(("--save-at", str(SAVE_AT)) if save and "--load-from" not in script_args else ()),
         *script_args,
     ]
-    run_checked(cmd)
+    output = run_checked(cmd)
     prefix = "loaded_rank" if "--load-from" in script_args else "rank"
-    return [torch.load(tmp_path / f"{prefix}{r}.pt") for r in range(world_size)]
+    return [torch.load(tmp_path / f"{prefix}{r}.pt") for r in range(world_size)], output
 
 
 def replay(cls, kwargs: dict, records: list[dict]) -> list[list[torch.Tensor]]:
@@ -182,6 +189,60 @@ def test_fp16_overflow_on_one_rank_skips_the_step_on_all_ranks(tmp_path):
         assert torch.equal(r["params"][2], r["params"][3])
         assert torch.isfinite(r["params"][-1]).all()
     assert torch.equal(records[0]["params"][-1], records[1]["params"][-1])
+
+
+def test_fp16_overflow_agreement_does_not_rest_on_deepspeeds_onebit_branch(tmp_path):
+    """DeepSpeed's fp16 overflow check all-reduces the flag over the data-parallel ranks only while
+    the engine's own all-reduce is off (a branch kept for its 1-bit optimizers, which it deleted).
+    With that branch patched out, one rank's inf gradient must still skip the step on every rank."""
+    records = launch(
+        tmp_path,
+        {"type": "CDAdam", "params": {"lr": 0.01, "timeout_s": 30}},
+        "--inf-at",
+        "1:4",
+        "--drop-deepspeed-overflow-agreement",
+        save=False,
+        fp16={"enabled": True, "initial_scale_power": 8},
+    )
+    for r in records:
+        assert r["skipped_steps"] == 1
+        assert [s["step"] for s in r["opt_state"]] == [1, 2, 3, 3, 4, 5, 6, 7]
+        assert torch.equal(r["params"][2], r["params"][3])  # the overflowed step changed nothing
+    for t in range(STEPS):
+        assert torch.equal(records[0]["params"][t], records[1]["params"][t]), f"step {t + 1}"
+
+
+def test_bytes_per_step_reach_the_monitor_and_the_progress_lines(tmp_path):
+    """Bytes this rank's optimizer sent / received each step go to DeepSpeed's monitor (csv_monitor
+    here) and, every steps_per_print steps, to the engine's progress lines."""
+    records, output = launch_with_output(
+        tmp_path,
+        {"type": "OneBitAdam", "params": {"lr": 0.01, "freeze_step": 3}},
+        save=False,
+        steps_per_print=4,
+        log_level="info",  # DeepSpeed's logger prints the engine's step lines (and ours) at INFO
+        csv_monitor={"enabled": True, "output_path": str(tmp_path / "monitor"), "job_name": "job"},
+    )
+
+    def column(name: str) -> list[tuple[int, float]]:
+        rows = (tmp_path / "monitor" / "job" / f"Train_Samples_{name}.csv").read_text().split()
+        assert rows[0] == f"step,{name}"
+        return [(int(s), float(v)) for s, v in (row.split(",") for row in rows[1:])]
+
+    sent, received, total = column("optimizer_bytes_sent"), column("optimizer_bytes_received"), column(
+        "optimizer_bytes_sent_total"
+    )
+    assert [s for s, _ in sent] == [16 * t for t in range(1, STEPS + 1)]  # DeepSpeed's x axis: samples
+    per_step = [v for _, v in sent]
+    assert per_step == [v for _, v in received]  # every collective sends what it receives
+    assert sum(per_step) == records[0]["bytes_sent"] == total[-1][1]
+    assert len(set(per_step[:3])) == 1 and len(set(per_step[3:])) == 1  # warm-up; compressed
+    assert per_step[3] > 4 * per_step[0]  # the compressed steps move the 1-bit momentum (328 coordinates)
+    for step in (4, 8):
+        assert f"step={step}, skipped=0" in output  # the engine's own line ...
+        line = next(line for line in output.splitlines() if f"step={step}, OneBitAdam" in line)  # ... and ours
+        assert "bytes sent per step" in line and "received per step" in line
+    assert "step=2, OneBitAdam" not in output
 
 
 @pytest.mark.skipif(

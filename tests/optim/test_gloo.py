@@ -33,8 +33,13 @@ NUMEL = 1_048_583  # > 1M, not a multiple of 8 * world_size
 
 
 def _bytes_per_step(rank, world_size, out_dir):
+    for block_size in (None, 256):
+        _bytes_per_step_with(rank, block_size, f"{out_dir}/bytes-{block_size}-{rank}.pt")
+
+
+def _bytes_per_step_with(rank, block_size, path):
     p = torch.nn.Parameter(torch.zeros(NUMEL))
-    opt = CDAdam([p], lr=1e-3)
+    opt = CDAdam([p], lr=1e-3, block_size=block_size)
     gen = torch.Generator().manual_seed(rank)
     sent = []
     for _ in range(2):
@@ -51,7 +56,7 @@ def _bytes_per_step(rank, world_size, out_dir):
                 after.bytes_sent - before.bytes_sent,
             )
         )
-    torch.save(sent, f"{out_dir}/bytes-{rank}.pt")
+    torch.save(sent, path)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -62,7 +67,11 @@ def test_cd_adam_sends_at_most_one_28th_of_fp32_all_reduce(tmp_path, world_size)
     wire = -(-shard // 8) + 4  # packed signs of the longest shard + one fp32 scale
     for rank in range(world_size):
         flag = 4 * world_size  # the non-finite flags: one fp32 per rank, all-reduced
-        for up, down, handed, calls, total in torch.load(tmp_path / f"bytes-{rank}.pt"):
+        # the default block_size=256: one fp32 scale per 256 signs, 1/28.4 of fp32 (control bytes included)
+        for _, _, _, _, total in torch.load(tmp_path / f"bytes-256-{rank}.pt"):
+            assert total / fp32_all_reduce <= 1 / 28
+        # block_size=None (the paper's one scale per server shard): the exact wire format
+        for up, down, handed, calls, total in torch.load(tmp_path / f"bytes-None-{rank}.pt"):
             assert calls == 3  # the flag all-reduce, one all_to_all up, one all_gather down
             assert up == (world_size - 1) * wire and down == (world_size - 1) * wire
             assert total == up + down + all_reduce_bytes_sent(flag, world_size)

@@ -44,6 +44,15 @@ def test_amsgrad_must_be_bool():
         CDAdam([_p()], amsgrad="yes", transport=_tr())
 
 
+def test_bias_correction_must_be_bool():
+    message = (
+        "Invalid bias_correction='yes'. Must be a bool (False: the paper, no correction; "
+        "True: Adam's correction of m and vhat)."
+    )
+    with pytest.raises(TypeError, match=re.escape(message)):
+        CDAdam([_p()], bias_correction="yes", transport=_tr())
+
+
 @pytest.mark.parametrize("freeze_step", [-1, 1.5, True])
 def test_onebit_freeze_step_validated(freeze_step):
     with pytest.raises(ValueError, match=re.escape(f"Invalid freeze_step={freeze_step!r}. Must be an int >= 0.")):
@@ -127,6 +136,9 @@ def test_ef21_rejects(kwargs, message):
         EF21([torch.nn.Parameter(torch.zeros(3))], transport=InProcessWorld(1).transports[0], **kwargs)
 
 
-def test_ef21_default_is_top_one_percent():
+def test_ef21_default_is_the_papers_top_k():
+    """K = 0.016 d (the paper, section 7.2): about the bytes of a scaled sign (64 bits per kept coordinate)."""
     opt = EF21([torch.nn.Parameter(torch.zeros(3))], transport=InProcessWorld(1).transports[0])
-    assert opt.compressor.name == "topk" and opt.compressor.ratio == 0.01
+    assert opt.compressor.name == "topk" and opt.compressor.ratio == 0.016
+    rand = EF21([torch.nn.Parameter(torch.zeros(3))], compressor="randk", transport=InProcessWorld(1).transports[0])
+    assert rand.compressor.ratio == 0.016
