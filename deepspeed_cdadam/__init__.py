@@ -7,6 +7,7 @@ from .comm import CommStats, InProcessWorld, ShardLayout, TorchDistributedTransp
 from .compressors import COMPRESSOR_NAMES, Compressor, get_compressor
 from .exchange import EXCHANGE_NAMES
 from .optim import EF21, CDAdam, OneBitAdam
+from .optim.base import without_rank_state
 from .types import CommTimeoutError
 
 __version__ = "0.1.0"
@@ -76,6 +77,7 @@ __all__ = [
     "COMPRESSOR_NAMES",
     "EF21",
     "EXCHANGE_NAMES",
+    "without_rank_state",
     "CDAdam",
     "CommStats",
     "CommTimeoutError",

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from .comm.transport import control_device
-from .types import PER_RANK_KEYS, STEP
+from .state import PER_RANK, keys_with_scope
+from .types import STEP
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ def save_rank_state(optimizer: Any, directory: str) -> str:
     """Write this rank's per-rank compression state atomically; returns the file name."""
     tr = optimizer.transport
     os.makedirs(directory, exist_ok=True)
+    per_rank = keys_with_scope(optimizer.state_specs(), PER_RANK)
     payload = {
         "format": FORMAT_VERSION,
         "optimizer": type(optimizer).__name__,
@@ -61,7 +63,7 @@ def save_rank_state(optimizer: Any, directory: str) -> str:
         "skipped_steps": optimizer.skipped_steps,
         "steps_taken": optimizer.steps_taken,
         "groups": [
-            {k: v.detach().cpu().clone() for k, v in optimizer.group_state(g).items() if k in PER_RANK_KEYS}
+            {k: v.detach().cpu().clone() for k, v in optimizer.group_state(g).items() if k in per_rank}
             for g in optimizer.param_groups
         ],
     }

@@ -46,9 +46,8 @@ from .comm.layout import ShardLayout
 from .comm.transport import Transport
 from .compressors.base import Compressor
 from .compressors.sign import ScaledSign, ScaledSignL1
+from .state import FULL, PER_RANK, RANK_IDENTICAL, SHARD, StateSpec
 from .types import DOWN_MARKOV_STATE, MARKOV_STATE, SERVER_ERROR, SERVER_MARKOV_STATE, WORKER_ERROR
-
-EXCHANGE_NAMES = ("markov", "error_feedback", "naive", "none")
 
 _UP, _DOWN = 0, 1
 
@@ -100,8 +99,14 @@ class Exchange(ABC):
     def rank(self) -> int:
         return self.transport.rank
 
+    #: The buffers this scheme keeps in the group state (``state.StateSpec``): created by
+    #: ``init_state``, and read by checkpointing, resets and the consistency check.
+    STATE: tuple[StateSpec, ...] = ()
+
     def init_state(self, state: dict, like: torch.Tensor) -> None:
-        """Create this scheme's state buffers in ``state`` (zeros)."""
+        """Create this scheme's declared state buffers in ``state`` (zeros)."""
+        for spec in self.STATE:
+            state[spec.key] = spec.zeros(like, self.layout.shard_sizes[self.rank])
 
     @abstractmethod
     def exchange(self, x: torch.Tensor, state: dict, *, step: int, group: int = 0) -> torch.Tensor:
@@ -272,12 +277,11 @@ class MarkovExchange(CompressedExchange):
             self._kernel_everywhere = not failed
         return self._kernel_everywhere
 
-    def init_state(self, state: dict, like: torch.Tensor) -> None:
-        state[MARKOV_STATE] = torch.zeros_like(like)
-        state[SERVER_MARKOV_STATE] = torch.zeros(
-            self.layout.shard_sizes[self.rank], dtype=like.dtype, device=like.device
-        )
-        state[DOWN_MARKOV_STATE] = torch.zeros_like(like)
+    STATE = (
+        StateSpec(MARKOV_STATE, FULL, PER_RANK, "h_i, this worker's Markov state"),
+        StateSpec(SERVER_MARKOV_STATE, SHARD, PER_RANK, "ghat on this rank's server shard"),
+        StateSpec(DOWN_MARKOV_STATE, FULL, RANK_IDENTICAL, "gtil, the down Markov state"),
+    )
 
     def exchange(self, x: torch.Tensor, state: dict, *, step: int, group: int = 0) -> torch.Tensor:
         h, ghat, gtil = state[MARKOV_STATE], state[SERVER_MARKOV_STATE], state[DOWN_MARKOV_STATE]
@@ -317,9 +321,10 @@ class MarkovExchange(CompressedExchange):
 class ErrorFeedbackExchange(CompressedExchange):
     """``error_feedback``: 1-bit Adam's compressed all-reduce with worker and server error buffers."""
 
-    def init_state(self, state: dict, like: torch.Tensor) -> None:
-        state[WORKER_ERROR] = torch.zeros_like(like)
-        state[SERVER_ERROR] = torch.zeros(self.layout.shard_sizes[self.rank], dtype=like.dtype, device=like.device)
+    STATE = (
+        StateSpec(WORKER_ERROR, FULL, PER_RANK, "e_i, this worker's error"),
+        StateSpec(SERVER_ERROR, SHARD, PER_RANK, "ebar on this rank's server shard"),
+    )
 
     def exchange(self, x: torch.Tensor, state: dict, *, step: int, group: int = 0) -> torch.Tensor:
         e, ebar = state[WORKER_ERROR], state[SERVER_ERROR]
@@ -343,6 +348,16 @@ class NaiveExchange(CompressedExchange):
         return ctil
 
 
+#: Exchange schemes by name. A new scheme is one class (its ``STATE`` declared) and one line here.
+EXCHANGES: dict[str, type[Exchange]] = {
+    "markov": MarkovExchange,
+    "error_feedback": ErrorFeedbackExchange,
+    "naive": NaiveExchange,
+    "none": AllReduceExchange,
+}
+EXCHANGE_NAMES = tuple(EXCHANGES)
+
+
 def make_exchange(
     name: str,
     transport: Transport,
@@ -352,17 +367,12 @@ def make_exchange(
     seed: int = 0,
     worker_scale_scope: str = "block",
 ) -> Exchange:
-    """Pick the scheme by name."""
-    match name:
-        case "none":
-            return AllReduceExchange(transport, layout, stats)
-        case "markov" | "error_feedback" | "naive" if compressor is None:
-            raise ValueError(f"exchange={name!r} needs a compressor.")
-        case "markov":
-            return MarkovExchange(transport, layout, compressor, stats, seed, worker_scale_scope)
-        case "error_feedback":
-            return ErrorFeedbackExchange(transport, layout, compressor, stats, seed, worker_scale_scope)
-        case "naive":
-            return NaiveExchange(transport, layout, compressor, stats, seed, worker_scale_scope)
-        case _:
-            raise ValueError(f"Unknown exchange={name!r}. Allowed: {', '.join(EXCHANGE_NAMES)}.")
+    """Build the scheme registered under ``name``."""
+    cls = EXCHANGES.get(name)
+    if cls is None:
+        raise ValueError(f"Unknown exchange={name!r}. Allowed: {', '.join(EXCHANGE_NAMES)}.")
+    if not issubclass(cls, CompressedExchange):
+        return cls(transport, layout, stats)
+    if compressor is None:
+        raise ValueError(f"exchange={name!r} needs a compressor.")
+    return cls(transport, layout, compressor, stats, seed, worker_scale_scope)

@@ -25,7 +25,8 @@ class Compressed(NamedTuple):
     block_sizes: tuple[int, ...]
 
 
-# Keys for optimizer state (always checkpointed; identical on every rank).
+# Keys for optimizer state (identical on every rank). What each buffer is (full or shard, rank-identical
+# or per-rank) is declared where it is made: ``Exchange.STATE`` and ``CompressedOptimizer.STATE``.
 STEP = "step"
 EXP_AVG = "exp_avg"  # m_t
 EXP_AVG_SQ = "exp_avg_sq"  # v_t
@@ -35,13 +36,12 @@ DOWN_MARKOV_STATE = "down_markov_state"  # \tilde g_t, the server->worker Markov
 # update is applied to it and the parameters receive it rounded to their dtype.
 MASTER_PARAMS = "master_params"
 
-# Keys for per-rank state (differs between ranks; saved per rank).
+# Keys for per-rank state (differs between ranks; saved per rank by the DeepSpeed integration).
 MARKOV_STATE = "markov_state"  # \hat g^{(i)}_t, worker i's Markov state
 SERVER_MARKOV_STATE = "server_markov_state"  # \hat g_t restricted to this rank's server shard
 WORKER_ERROR = "worker_error"  # e_t, worker error-feedback buffer (1-bit Adam)
 SERVER_ERROR = "server_error"  # \bar e_t, server error-feedback buffer on this rank's shard
 
-PER_RANK_KEYS = (MARKOV_STATE, SERVER_MARKOV_STATE, WORKER_ERROR, SERVER_ERROR)
 
 
 class CommTimeoutError(RuntimeError):

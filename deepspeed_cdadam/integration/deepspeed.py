@@ -68,7 +68,8 @@ import torch
 from ..checkpoint import load_rank_state, save_rank_state
 from ..comm.accounting import all_reduce_bytes_sent
 from ..comm.mpi import MpiTransport
-from ..comm.transport import DEFAULT_TIMEOUT_S, TorchDistributedTransport, Transport, control_device
+from ..comm.transport import TorchDistributedTransport, Transport, control_device
+from ..config import CommonConfig, field_names, json_keys
 from ..optim.base import CompressedOptimizer
 from ..optim.cd_adam import CDAdam
 from ..optim.ef21 import EF21
@@ -82,27 +83,12 @@ SUPPORTED_DEEPSPEED_VERSIONS = ("0.19.6", "0.19.8")
 #: DeepSpeed ``optimizer.type`` (case-insensitive) -> our class.
 OPTIMIZER_TYPES: dict[str, type[CompressedOptimizer]] = {"cdadam": CDAdam, "onebitadam": OneBitAdam, "ef21": EF21}
 
-_COMMON_KEYS = (
-    "lr",
-    "betas",
-    "eps",
-    "weight_decay",
-    "compressor",
-    "block_size",
-    "comm_backend_name",
-    "cuda_aware",
-    "timeout_s",
-    "seed",
-    "worker_scale_scope",
-    "nonfinite_grads",
-    "consistency_check_every",
-)
-#: JSON ``optimizer.params`` keys each type accepts.
-ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
-    "cdadam": _COMMON_KEYS + ("amsgrad", "exchange", "bias_correction"),
-    "onebitadam": _COMMON_KEYS + ("freeze_step", "bias_correction", "eps_inside_sqrt"),
-    "ef21": tuple(k for k in _COMMON_KEYS if k not in ("betas", "eps", "worker_scale_scope")) + ("ratio",),
+#: DeepSpeed ``optimizer.type`` -> the config dataclass of its arguments (``deepspeed_cdadam.config``).
+CONFIG_TYPES: dict[str, type[CommonConfig]] = {
+    name: cls.CONFIG for name, cls in OPTIMIZER_TYPES.items()  # type: ignore[attr-defined]
 }
+#: JSON ``optimizer.params`` keys each type accepts, generated: its config's fields, then its DeepSpeed-only keys.
+ALLOWED_KEYS: dict[str, tuple[str, ...]] = {name: json_keys(config) for name, config in CONFIG_TYPES.items()}
 #: ``comm_backend_name`` values that mean "torch.distributed" (upstream names included).
 TORCH_BACKEND_NAMES = ("torch", "nccl", "gloo", "compressed", "hccl", "ccl", "xccl", "mpi_torch")
 
@@ -195,31 +181,19 @@ def build_optimizer(engine: Any, type_name: str, model_parameters: Any) -> Compr
     params = dict(engine.optimizer_params() or {})
     _reject_unknown_keys(type_name, params)
     check_engine_supported(engine, engine.optimizer_name())
-    backend_name = params.pop("comm_backend_name", "torch")
-    _check_backend_name(backend_name)
-    cuda_aware = params.pop("cuda_aware", False)
-    if not isinstance(cuda_aware, bool):
-        raise TypeError(f"Invalid optimizer.params.cuda_aware={cuda_aware!r}. Must be a bool.")
-    if params.pop("eps_inside_sqrt", False) is not False:
-        raise ValueError(
-            "optimizer.params.eps_inside_sqrt=True is not supported by OneBitAdam (upstream OnebitAdam ignored it); "
-            "eps is added outside the square root."
-        )
-    if type_name == "onebitadam":  # upstream's key: OneBitAdam always corrects, as upstream did
-        bias_correction = params.pop("bias_correction", True)
-        if not isinstance(bias_correction, bool):
-            raise TypeError(f"Invalid optimizer.params.bias_correction={bias_correction!r}. Must be a bool.")
-    if "betas" in params and isinstance(params["betas"], list):
-        params["betas"] = tuple(params["betas"])
-
-    timeout_given = "timeout_s" in params
-    timeout_s = params.pop("timeout_s", DEFAULT_TIMEOUT_S)
-    if backend_name == "mpi":
+    config_cls = CONFIG_TYPES[type_name]
+    deepspeed_keys = field_names(config_cls.DEEPSPEED_OPTIONS)
+    options = config_cls.DEEPSPEED_OPTIONS(**{key: params.pop(key) for key in deepspeed_keys if key in params})
+    _check_backend_name(options.comm_backend_name)
+    # the optimizer's own keys: checked by the dataclass its constructor builds, with the same messages
+    config = config_cls(**params)
+    timeout_given, timeout_s = "timeout_s" in params, config.timeout_s
+    if options.comm_backend_name == "mpi":
         if engine.mpu is not None:
             raise ValueError(
                 "comm_backend_name='mpi' uses MPI.COMM_WORLD; with an mpu (model parallelism) use 'torch'."
             )
-        transport: Transport = MpiTransport(cuda_aware=cuda_aware)
+        transport: Transport = MpiTransport(cuda_aware=options.cuda_aware)
         global _mpi_timeout_logged
         if timeout_given and not _mpi_timeout_logged:
             _mpi_timeout_logged = True
@@ -229,9 +203,8 @@ def build_optimizer(engine: Any, type_name: str, model_parameters: Any) -> Compr
                 timeout_s,
             )
     else:
-        transport = TorchDistributedTransport(_data_parallel_group(engine), timeout_s)  # validates timeout_s too
-    # timeout_s also goes to the optimizer, which validates it (MPI itself has no per-call timeout)
-    optimizer = OPTIMIZER_TYPES[type_name](model_parameters, transport=transport, timeout_s=timeout_s, **params)
+        transport = TorchDistributedTransport(_data_parallel_group(engine), timeout_s)
+    optimizer = OPTIMIZER_TYPES[type_name](model_parameters, transport=transport, **config.kwargs())
     configure_engine_for(engine, optimizer)
     return optimizer
 
@@ -281,6 +254,9 @@ def configure_engine_for(engine: Any, optimizer: CompressedOptimizer) -> None:
     """Names for messages, the engine's all-reduce per phase, steps ignored until the wrappers exist."""
     optimizer.param_names = {id(p): name for name, p in engine.module.named_parameters()}
     optimizer.ignore_steps = True  # the fp16/bf16 wrapper's zero-gradient set-up step; undone in _configure_optimizer
+    # DeepSpeed saves rank 0's optimizer state_dict and loads it on every rank; our per-rank files
+    # then restore each rank's own compression state (load_checkpoint below)
+    optimizer.accept_foreign_rank_state = True
     if isinstance(optimizer, OneBitAdam):
         optimizer.warmup_grads_are_averaged = True  # the engine all-reduces during the warm-up
         optimizer.on_phase_change = lambda compressed: _set_engine_allreduce(

@@ -1,10 +1,12 @@
-"""Machinery shared by the compressed optimizers: validation, flat buffers, lazy exchanges.
+"""Machinery shared by the compressed optimizers: flat buffers, lazy exchanges.
 
 Each parameter group is one flat buffer: the gradients of its parameters (those with
 ``requires_grad``; a missing ``.grad`` counts as zeros so every rank sends the same layout) are
 concatenated in order, exchanged with one pair of collectives, and the update is applied back to
 each parameter's slice. The group's state (moments and compression state, all flat) lives in
-``self.state[group["params"][0]]``; its per-rank entries are listed in ``types.PER_RANK_KEYS``.
+``self.state[group["params"][0]]``. Every buffer is declared (``state.StateSpec``: the optimizer's
+``STATE``, its exchanges' ``Exchange.STATE``), so checkpoints, resets, the consistency check and
+``state_dict`` treat per-rank and rank-identical state alike for every scheme.
 
 Low-precision parameters (fp16, bf16) get fp32 master weights: the group state holds a flat fp32
 copy (``types.MASTER_PARAMS``), the update is applied to it, and the parameters receive it rounded
@@ -16,7 +18,6 @@ would be rounded away at every step. fp32/fp64 parameters are updated in place a
 from __future__ import annotations
 
 import logging
-import math
 from abc import abstractmethod
 from typing import Any
 
@@ -27,33 +28,32 @@ from ..comm.layout import ShardLayout
 from ..comm.transport import TorchDistributedTransport, Transport, check_on_transport_device
 from ..compressors.base import Compressor
 from ..compressors.registry import get_compressor
-from ..exchange import EXCHANGE_NAMES, Exchange, check_worker_scale_scope, make_exchange
-from ..types import DOWN_MARKOV_STATE, EXP_AVG, EXP_AVG_SQ, MASTER_PARAMS, MAX_EXP_AVG_SQ, PER_RANK_KEYS, STEP
-from .safety import NONFINITE_POLICIES, check_ranks_agree, ranks_with_nonfinite
+from ..exchange import EXCHANGES, Exchange, make_exchange
+from ..state import FULL, PER_RANK, RANK_IDENTICAL, StateSpec, keys_with_scope
+from ..types import EXP_AVG, EXP_AVG_SQ, MASTER_PARAMS, MAX_EXP_AVG_SQ, STEP
+from .safety import check_ranks_agree, ranks_with_nonfinite
 
 logger = logging.getLogger(__name__)
 
-#: State that must be bit-identical on every rank.
-RANK_IDENTICAL_KEYS = (EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, DOWN_MARKOV_STATE, MASTER_PARAMS)
+#: Moments kept by the Adam-type optimizers (each declares the ones it uses in ``STATE``).
+ADAM_MOMENTS = (
+    StateSpec(EXP_AVG, FULL, RANK_IDENTICAL, "m_t"),
+    StateSpec(EXP_AVG_SQ, FULL, RANK_IDENTICAL, "v_t"),
+)
+AMSGRAD_MAX = StateSpec(MAX_EXP_AVG_SQ, FULL, RANK_IDENTICAL, "vhat_t")
+MASTER_SPEC = StateSpec(MASTER_PARAMS, FULL, RANK_IDENTICAL, "fp32 master copy of fp16/bf16 parameters")
+#: Top-level ``state_dict()`` key naming the rank whose per-rank state the dict holds.
+RANK_STATE_TAG = "deepspeed_cdadam_rank_state"
 
 
-def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def validate_adam_hparams(lr: object, betas: object, eps: object, weight_decay: object) -> None:
-    """Raise ``ValueError`` naming the first invalid hyperparameter and its allowed range."""
-    if not _is_number(lr) or not math.isfinite(lr) or lr < 0.0:  # type: ignore[operator, arg-type]
-        raise ValueError(f"Invalid lr={lr!r}. Must be a finite number >= 0.0.")
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(_is_number(b) for b in betas):
-        raise ValueError(f"Invalid betas={betas!r}. Must be a pair of numbers in [0.0, 1.0).")
-    for i, b in enumerate(betas):
-        if not 0.0 <= b < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {b!r}. Must be in [0.0, 1.0).")
-    if not _is_number(eps) or not eps > 0.0:  # type: ignore[operator]
-        raise ValueError(f"Invalid eps={eps!r}. Must be a number > 0.0.")
-    if not _is_number(weight_decay) or not weight_decay >= 0.0:  # type: ignore[operator]
-        raise ValueError(f"Invalid weight_decay={weight_decay!r}. Must be a number >= 0.0.")
+def without_rank_state(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` minus its per-rank compression state: load it on every rank (e.g. one file saved
+    by rank 0); each rank then restarts its compression state from zero (moments and steps kept)."""
+    out = {**state_dict, "state": {k: dict(v) for k, v in state_dict["state"].items()}}
+    for key in out.pop(RANK_STATE_TAG, {}).get("keys", ()):
+        for entry in out["state"].values():
+            entry.pop(key, None)
+    return out
 
 
 class CompressedOptimizer(torch.optim.Optimizer):
@@ -79,27 +79,10 @@ class CompressedOptimizer(torch.optim.Optimizer):
         nonfinite_grads: str = "error",
         consistency_check_every: int = 0,
     ) -> None:
-        if nonfinite_grads not in NONFINITE_POLICIES:
-            raise ValueError(f"Invalid nonfinite_grads={nonfinite_grads!r}. Allowed: {', '.join(NONFINITE_POLICIES)}.")
-        if (
-            not isinstance(consistency_check_every, int)
-            or isinstance(consistency_check_every, bool)
-            or (consistency_check_every < 0)
-        ):
-            raise ValueError(
-                f"Invalid consistency_check_every={consistency_check_every!r}. Must be an int >= 0 (0: never)."
-            )
-        if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or not timeout_s > 0:
-            raise ValueError(f"Invalid timeout_s={timeout_s!r}. Must be a number > 0 (seconds).")
-        if exchange not in EXCHANGE_NAMES:
-            raise ValueError(f"Unknown exchange={exchange!r}. Allowed: {', '.join(EXCHANGE_NAMES)}.")
+        # The arguments are checked by the subclass's config dataclass (``deepspeed_cdadam.config``).
         super().__init__(params, defaults)
         self.compressor = get_compressor(compressor)
-        check_worker_scale_scope(worker_scale_scope, self.compressor)
         self.worker_scale_scope = worker_scale_scope
-        ShardLayout(0, 1, block_size)  # validates block_size now, not at the first step
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise TypeError(f"Invalid seed={seed!r}. Must be an int.")
         self.block_size = block_size
         self.exchange_name = exchange
         self.seed = seed
@@ -118,11 +101,28 @@ class CompressedOptimizer(torch.optim.Optimizer):
         # id(param) -> name, for error messages (the DeepSpeed integration fills it from the model)
         self.param_names: dict[int, str] = {}
         self.comm_stats = CommStats()
+        self._trainable_ids: dict[int, tuple[int, ...]] = {}  # group index -> trainable params at the first step
         for group in self.param_groups:
             self._check_group(group)
 
     #: A flat buffer every initialised group state holds (how a checkpoint's state is recognised).
     FLAT_STATE_KEY = EXP_AVG
+    #: The optimizer's own flat buffers (moments); its exchanges declare theirs (``Exchange.STATE``).
+    STATE: tuple[StateSpec, ...] = ADAM_MOMENTS
+
+    def exchange_names(self) -> tuple[str, ...]:
+        """The exchange schemes this optimizer may run (their state lives in the group state)."""
+        return (self.exchange_name,)
+
+    def state_specs(self) -> tuple[StateSpec, ...]:
+        """Every flat buffer a group state can hold: the optimizer's, the master copy, the exchanges'."""
+        specs = (*self.STATE, MASTER_SPEC)
+        for name in self.exchange_names():
+            specs += EXCHANGES[name].STATE
+        return specs
+
+    def exchange_state_keys(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(spec.key for name in self.exchange_names() for spec in EXCHANGES[name].STATE))
 
     # --- transport and exchanges --------------------------------------------------------
     @property
@@ -223,13 +223,59 @@ class CompressedOptimizer(torch.optim.Optimizer):
             p.detach().copy_(master[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
 
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict`` plus the rank and world size its per-rank state belongs to."""
+        out = super().state_dict()
+        tr = self.transport
+        out[RANK_STATE_TAG] = {
+            "rank": tr.rank,
+            "world_size": tr.world_size,
+            "keys": list(keys_with_scope(self.state_specs(), PER_RANK)),
+        }
+        return out
+
+    #: Set by a framework that restores per-rank state itself after ``load_state_dict`` (the
+    #: DeepSpeed integration's per-rank files): another rank's per-rank state is then dropped, not refused.
+    accept_foreign_rank_state = False
+
+    def _drop_foreign_rank_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Refuse (or, for a framework that restores it, drop) per-rank state saved by another rank."""
+        tag = state_dict.get(RANK_STATE_TAG)
+        if tag is None:
+            return state_dict
+        tr = self.transport
+        if (tag["rank"], tag["world_size"]) == (tr.rank, tr.world_size):
+            return state_dict
+        present = any(k in entry for entry in state_dict["state"].values() for k in tag.get("keys", ()))
+        if present and not self.accept_foreign_rank_state:
+            raise ValueError(
+                f"This optimizer state_dict holds the per-rank compression state of rank {tag['rank']} of "
+                f"{tag['world_size']} ({', '.join(tag['keys'])}), and this is rank {tr.rank} of {tr.world_size}. "
+                "Load on each rank the state_dict that rank saved, or load "
+                "deepspeed_cdadam.without_rank_state(state_dict) on every rank (each rank then restarts its "
+                "compression state from zero; moments and step counts are kept)."
+            )
+        return without_rank_state(state_dict)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """``torch.optim.Optimizer.load_state_dict``, keeping fp32 buffers for fp16/bf16 parameters.
+        """``torch.optim.Optimizer.load_state_dict``, keeping fp32 buffers for fp16/bf16 parameters,
+        refusing another rank's per-rank state, and restarting compression state that is absent.
 
         torch casts every floating-point state tensor to its parameter's dtype; our flat buffers
         (moments, compression state, master weights) stay in ``buffer_dtype`` (fp32 for fp16/bf16).
         """
-        super().load_state_dict(state_dict)
+        state_dict = self._drop_foreign_rank_state(state_dict)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != RANK_STATE_TAG})
+        self._load_dtypes(state_dict)
+        per_rank = keys_with_scope(self.state_specs(), PER_RANK)
+        if any(
+            self.FLAT_STATE_KEY in self.group_state(g) and not all(k in self.group_state(g) for k in per_rank)
+            for g in self.param_groups
+            if self.trainable(g)
+        ) and per_rank and not self.accept_foreign_rank_state:
+            self.reset_compression_state()
+
+    def _load_dtypes(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict["state"]
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             for p, saved_id in zip(group["params"], saved_group["params"]):
@@ -253,8 +299,9 @@ class CompressedOptimizer(torch.optim.Optimizer):
         groups = [(i, g, self.trainable(g)) for i, g in enumerate(self.param_groups)]
         groups = [(i, g, ps) for i, g, ps in groups if ps]
         grads = [self.flat_grad(ps) for _, _, ps in groups]
-        for (index, _, _), grad in zip(groups, grads):
+        for (index, group, params), grad in zip(groups, grads):
             check_on_transport_device(self.transport, grad, f"The gradient of param_groups[{index}]")
+            self._check_layout_unchanged(index, group, params, grad)
         if not self._gradients_usable(groups, grads):
             return loss
         for (index, group, params), grad in zip(groups, grads):
@@ -273,6 +320,25 @@ class CompressedOptimizer(torch.optim.Optimizer):
         return loss
 
     # --- safety -------------------------------------------------------------------------
+    def _check_layout_unchanged(self, index: int, group: dict[str, Any], params: list, grad: torch.Tensor) -> None:
+        """Refuse a step after a parameter gained or lost ``requires_grad`` (the flat buffers are fixed)."""
+        ids = tuple(id(p) for p in params)
+        known = self._trainable_ids.setdefault(index, ids)
+        state = self.group_state(group)
+        built = state[self.FLAT_STATE_KEY].numel() if self.FLAT_STATE_KEY in state else grad.numel()
+        if known == ids and built == grad.numel():
+            return
+        names = {id(p): self.param_name(index, pi, p) for pi, p in enumerate(group["params"])}
+        gained = [names[i] for i in ids if i not in known]
+        lost = [names[i] for i in known if i not in ids]
+        raise ValueError(
+            f"The trainable parameters of param_groups[{index}] changed since its flat buffers were built "
+            f"({built} coordinates, now {grad.numel()}; gained requires_grad: {gained or 'none'}; "
+            f"lost: {lost or 'none'}). Compressed optimizers fix each group's layout at its first step. "
+            "Keep requires_grad fixed and hold parameters still with a param group of lr=0 and weight_decay=0, "
+            "or build a new optimizer (and DeepSpeed engine) after changing which parameters train."
+        )
+
     def param_name(self, group_index: int, param_index: int, p: torch.Tensor) -> str:
         name = self.param_names.get(id(p))
         return repr(name) if name else f"param_groups[{group_index}]['params'][{param_index}] (shape {tuple(p.shape)})"
@@ -309,7 +375,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
             state = self.group_state(group) if params else {}
             named += [
                 (f"optimizer state {key!r} of param_groups[{gi}]", state[key])
-                for key in RANK_IDENTICAL_KEYS
+                for key in keys_with_scope(self.state_specs(), RANK_IDENTICAL)
                 if key in state
             ]
         step = max((self.group_state(g).get(STEP, 0) for g in self.param_groups if self.trainable(g)), default=0)
@@ -326,7 +392,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
             if self.FLAT_STATE_KEY not in state:
                 continue
             zeros = torch.zeros_like(state[self.FLAT_STATE_KEY])
-            for key in (*PER_RANK_KEYS, DOWN_MARKOV_STATE):
+            for key in self.exchange_state_keys():
                 state.pop(key, None)
             self._exchange_for(index, zeros.numel()).init_state(state, zeros)
 

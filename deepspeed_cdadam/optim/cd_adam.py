@@ -8,8 +8,9 @@ import torch
 
 from ..comm.transport import DEFAULT_TIMEOUT_S, Transport
 from ..compressors.base import Compressor
+from ..config import CDAdamConfig
 from ..types import EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP
-from .base import CompressedOptimizer, validate_adam_hparams
+from .base import ADAM_MOMENTS, AMSGRAD_MAX, CompressedOptimizer
 from .functional import amsgrad_direction, apply_update_
 
 
@@ -109,6 +110,9 @@ class CDAdam(CompressedOptimizer):
             bit-identical on all ranks (raises naming the first differing tensor); 0 = never.
     """
 
+    CONFIG = CDAdamConfig  # its arguments, their defaults and checks
+    STATE = (*ADAM_MOMENTS, AMSGRAD_MAX)  # max_exp_avg_sq only with amsgrad=True
+
     def __init__(
         self,
         params: Any,
@@ -130,36 +134,22 @@ class CDAdam(CompressedOptimizer):
         nonfinite_grads: str = "error",
         consistency_check_every: int = 0,
     ) -> None:
-        validate_adam_hparams(lr, betas, eps, weight_decay)
-        if not isinstance(amsgrad, bool):
-            raise TypeError(f"Invalid amsgrad={amsgrad!r}. Must be a bool.")
-        if not isinstance(bias_correction, bool):
-            raise TypeError(
-                f"Invalid bias_correction={bias_correction!r}. Must be a bool "
-                "(False: the paper, no correction; True: Adam's correction of m and vhat)."
-            )
-        defaults = {
-            "lr": lr,
-            "betas": tuple(betas),
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "amsgrad": amsgrad,
-            "bias_correction": bias_correction,
-        }
+        config = CDAdamConfig.from_arguments(locals())  # checks every argument (deepspeed_cdadam.config)
         super().__init__(
             params,
-            defaults,
-            exchange=exchange,
-            compressor=compressor,
-            block_size=block_size,
+            config.param_group_defaults(),
+            exchange=config.exchange,
+            compressor=config.compressor,
+            block_size=config.block_size,
             transport=transport,
             process_group=process_group,
-            timeout_s=timeout_s,
-            seed=seed,
-            worker_scale_scope=worker_scale_scope,
-            nonfinite_grads=nonfinite_grads,
-            consistency_check_every=consistency_check_every,
+            timeout_s=config.timeout_s,
+            seed=config.seed,
+            worker_scale_scope=config.worker_scale_scope,
+            nonfinite_grads=config.nonfinite_grads,
+            consistency_check_every=config.consistency_check_every,
         )
+        self.config = config
 
     def init_group_state(self, index: int, group: dict[str, Any], state: dict[str, Any], zeros: torch.Tensor) -> None:
         state[EXP_AVG] = zeros.clone()  # m_t

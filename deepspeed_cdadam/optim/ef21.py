@@ -8,9 +8,9 @@ import torch
 
 from ..comm.transport import DEFAULT_TIMEOUT_S, Transport
 from ..compressors.base import Compressor
-from ..compressors.registry import get_compressor
+from ..config import EF21Config
 from ..types import DOWN_MARKOV_STATE, STEP
-from .base import CompressedOptimizer, validate_adam_hparams
+from .base import CompressedOptimizer
 from .functional import apply_update_
 
 
@@ -44,8 +44,9 @@ class EF21(CompressedOptimizer):
         Other keyword arguments: as ``CDAdam`` (block_size, transport, timeout_s, seed, ...).
     """
 
+    CONFIG = EF21Config  # its arguments, their defaults and checks
     #: The paper's K = 0.016 d: top-k's 64 bits per kept coordinate then cost about one bit per coordinate.
-    DEFAULT_RATIO = 0.016
+    DEFAULT_RATIO = EF21Config.DEFAULT_RATIO
 
     def __init__(
         self,
@@ -63,28 +64,24 @@ class EF21(CompressedOptimizer):
         nonfinite_grads: str = "error",
         consistency_check_every: int = 0,
     ) -> None:
-        validate_adam_hparams(lr, (0.0, 0.0), 1.0, weight_decay)
-        if ratio is None and isinstance(compressor, str) and compressor in ("topk", "randk"):
-            ratio = self.DEFAULT_RATIO
-        if isinstance(compressor, str):
-            compressor = get_compressor(compressor, ratio=ratio)  # a ratio for a sign compressor is an error
-        elif ratio is not None:
-            raise ValueError(f"Invalid ratio={ratio!r} with a Compressor instance: the instance carries its own.")
+        config = EF21Config.from_arguments(locals())  # checks every argument (deepspeed_cdadam.config)
         super().__init__(
             params,
-            {"lr": lr, "weight_decay": weight_decay},
+            config.param_group_defaults(),
             exchange="markov",
-            compressor=compressor,
-            block_size=block_size,
+            compressor=config.build_compressor(),  # with the ratio (default: the paper's for topk / randk)
+            block_size=config.block_size,
             transport=transport,
             process_group=process_group,
-            timeout_s=timeout_s,
-            seed=seed,
-            nonfinite_grads=nonfinite_grads,
-            consistency_check_every=consistency_check_every,
+            timeout_s=config.timeout_s,
+            seed=config.seed,
+            nonfinite_grads=config.nonfinite_grads,
+            consistency_check_every=config.consistency_check_every,
         )
+        self.config = config
 
     FLAT_STATE_KEY = DOWN_MARKOV_STATE  # EF21 keeps no moments
+    STATE = ()
 
     def init_group_state(self, index: int, group: dict[str, Any], state: dict[str, Any], zeros: torch.Tensor) -> None:
         self._exchange_for(index, zeros.numel()).init_state(state, zeros)

@@ -9,8 +9,9 @@ import torch
 
 from ..comm.transport import DEFAULT_TIMEOUT_S, Transport
 from ..compressors.base import Compressor
+from ..config import OneBitAdamConfig
 from ..types import EXP_AVG, EXP_AVG_SQ, STEP
-from .base import CompressedOptimizer, validate_adam_hparams
+from .base import CompressedOptimizer
 from .functional import adam_moments_, apply_update_, onebit_adam_direction
 
 
@@ -49,7 +50,11 @@ class OneBitAdam(CompressedOptimizer):
     all-reduce, operation for operation (tested against it).
     """
 
+    CONFIG = OneBitAdamConfig  # its arguments, their defaults and checks
     UNSUPPORTED_GROUP_KEYS = ()
+
+    def exchange_names(self) -> tuple[str, ...]:
+        return ("none", self.exchange_name)  # exact average during the warm-up, then compressed
 
     def __init__(
         self,
@@ -70,25 +75,23 @@ class OneBitAdam(CompressedOptimizer):
         nonfinite_grads: str = "error",
         consistency_check_every: int = 0,
     ) -> None:
-        validate_adam_hparams(lr, betas, eps, weight_decay)
-        if not isinstance(freeze_step, int) or isinstance(freeze_step, bool) or freeze_step < 0:
-            raise ValueError(f"Invalid freeze_step={freeze_step!r}. Must be an int >= 0.")
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        config = OneBitAdamConfig.from_arguments(locals())  # checks every argument (deepspeed_cdadam.config)
         super().__init__(
             params,
-            defaults,
+            config.param_group_defaults(),
             exchange="error_feedback",
-            compressor=compressor,
-            block_size=block_size,
+            compressor=config.compressor,
+            block_size=config.block_size,
             transport=transport,
             process_group=process_group,
-            timeout_s=timeout_s,
-            seed=seed,
-            worker_scale_scope=worker_scale_scope,
-            nonfinite_grads=nonfinite_grads,
-            consistency_check_every=consistency_check_every,
+            timeout_s=config.timeout_s,
+            seed=config.seed,
+            worker_scale_scope=config.worker_scale_scope,
+            nonfinite_grads=config.nonfinite_grads,
+            consistency_check_every=config.consistency_check_every,
         )
-        self.freeze_step = freeze_step
+        self.config = config
+        self.freeze_step = config.freeze_step
         for group in self.param_groups:  # a wrong mask fails here, not after the warm-up
             if "exp_avg_mask" in group:
                 self._check_mask(group["exp_avg_mask"], self.group_numel(group))

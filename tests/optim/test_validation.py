@@ -125,7 +125,10 @@ def test_empty_parameter_list_is_rejected():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"ratio": 0.0}, r"Invalid TopK ratio=0\.0\. Must be a number in \(0\.0, 1\.0\]\."),
+        (
+            {"ratio": 0.0},
+            r"Invalid ratio=0\.0\. Must be None \(0\.016 for topk and randk, the paper's\) or a number in \(0\.0, 1\.0\]\.",
+        ),
         ({"compressor": "scaled_sign", "ratio": 0.1}, r"Invalid ratio=0\.1 for compressor='scaled_sign'"),
         ({"lr": -1.0}, r"Invalid lr=-1\.0\. Must be a finite number >= 0\.0\."),
         ({"weight_decay": -0.1}, r"Invalid weight_decay=-0\.1\. Must be a number >= 0\.0\."),

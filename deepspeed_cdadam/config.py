@@ -1,0 +1,443 @@
+"""The optimizers' settings: one frozen dataclass per optimizer, the one place they are declared.
+
+Each field is an argument of the optimizer's constructor and a key of its DeepSpeed JSON
+``optimizer.params``. Its default, its check (a small declarative ``Spec`` in the field's metadata:
+type, range, allowed values) and its doc line live here and nowhere else:
+
+* ``CDAdam(...)``, ``OneBitAdam(...)`` and ``EF21(...)`` build their config from their arguments
+  (``CDAdamConfig.from_arguments(locals())``), which checks every one of them;
+* the DeepSpeed integration accepts exactly ``json_keys(config_cls)`` (the fields, then the
+  DeepSpeed-only keys of ``config_cls.DEEPSPEED_OPTIONS``) and builds the same dataclass from the
+  JSON, so a bad JSON value raises the message the same bad keyword argument raises;
+* a test checks that the constructors' parameters (but ``params``, ``transport`` and
+  ``process_group``: objects, not settings) are exactly the fields, with the same defaults.
+
+Messages name the key and what it must be; a choice names the allowed values and the closest
+match: ``Unknown exchange='markow'. Allowed: markov, error_feedback, naive, none. Did you mean 'markov'?``
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
+
+from .comm.transport import DEFAULT_TIMEOUT_S
+from .compressors.base import Compressor
+from .compressors.registry import COMPRESSOR_NAMES, get_compressor
+from .exchange import EXCHANGES, WORKER_SCALE_SCOPES, check_worker_scale_scope
+from .optim.safety import NONFINITE_POLICIES
+
+#: Field metadata keys: the field's ``Spec``, and whether it is a parameter-group default.
+SPEC = "spec"
+PARAM_GROUP = "param_group"
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _decorate(text: str, none_means: str | None, note: str | None) -> str:
+    if note:
+        text += f" ({note})"
+    if none_means:
+        text = f"None ({none_means}) or {text}"
+    return text
+
+
+# --- specs: what a value must be --------------------------------------------------------------
+@dataclass(frozen=True)
+class Spec:
+    """A field's doc line and check. This base accepts any value (checked where it is used)."""
+
+    doc: str
+
+    def must_be(self) -> str:
+        """What a value must be, completing "Must be ..." ("" for this base: checked where it is used)."""
+        return ""
+
+    def check(self, name: str, value: object) -> None:
+        """Raise ``ValueError`` / ``TypeError`` naming ``name``, ``value`` and what it must be."""
+
+
+@dataclass(frozen=True)
+class Number(Spec):
+    """An int or float (not a bool) within the given bounds; ``None`` too if ``none_means`` says what it means."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    finite: bool = False
+    none_means: str | None = None
+    note: str | None = None
+
+    def range_text(self) -> str:
+        low = ("[", self.ge) if self.ge is not None else ("(", self.gt) if self.gt is not None else None
+        high = ("]", self.le) if self.le is not None else (")", self.lt) if self.lt is not None else None
+        if low and high:
+            return f"in {low[0]}{low[1]}, {high[1]}{high[0]}"
+        if low:
+            return f"{'>=' if low[0] == '[' else '>'} {low[1]}"
+        if high:
+            return f"{'<=' if high[0] == ']' else '<'} {high[1]}"
+        return ""
+
+    def within(self, value: float) -> bool:
+        """Inside the bounds (NaN never is, unless there are none)."""
+        return (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
+
+    def must_be(self) -> str:
+        text = f"a {'finite ' if self.finite else ''}number"
+        bounds = self.range_text()
+        return _decorate(f"{text} {bounds}" if bounds else text, self.none_means, self.note)
+
+    def check(self, name: str, value: object) -> None:
+        if value is None and self.none_means is not None:
+            return
+        if (
+            not _is_number(value)
+            or (self.finite and not math.isfinite(value))  # type: ignore[arg-type]
+            or not self.within(value)  # type: ignore[arg-type]
+        ):
+            raise ValueError(f"Invalid {name}={value!r}. Must be {self.must_be()}.")
+
+
+@dataclass(frozen=True)
+class Int(Spec):
+    """An int (not a bool), at least ``ge`` if given (else a wrong type is a ``TypeError``)."""
+
+    ge: int | None = None
+    none_means: str | None = None
+    note: str | None = None
+
+    def must_be(self) -> str:
+        return _decorate("an int" + (f" >= {self.ge}" if self.ge is not None else ""), self.none_means, self.note)
+
+    def check(self, name: str, value: object) -> None:
+        if value is None and self.none_means is not None:
+            return
+        if not _is_int(value) or (self.ge is not None and value < self.ge):  # type: ignore[operator]
+            error = ValueError if self.ge is not None else TypeError
+            raise error(f"Invalid {name}={value!r}. Must be {self.must_be()}.")
+
+
+@dataclass(frozen=True)
+class Bool(Spec):
+    """``True`` or ``False`` (anything else is a ``TypeError``); ``note`` says what each means."""
+
+    note: str | None = None
+
+    def must_be(self) -> str:
+        return _decorate("a bool", None, self.note)
+
+    def check(self, name: str, value: object) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"Invalid {name}={value!r}. Must be {self.must_be()}.")
+
+
+@dataclass(frozen=True)
+class Choice(Spec):
+    """One of ``values`` (or an instance of ``instance_of``); a wrong name gets the closest match."""
+
+    values: tuple[str, ...] = ()
+    instance_of: type | None = None
+    #: First word of the message: "Unknown" for names of implementations, "Invalid" for settings.
+    word: str = "Invalid"
+
+    def must_be(self) -> str:
+        extra = f", or a {self.instance_of.__name__} instance" if self.instance_of is not None else ""
+        return f"one of {', '.join(self.values)}{extra}"
+
+    def check(self, name: str, value: object) -> None:
+        if self.instance_of is not None and isinstance(value, self.instance_of):
+            return
+        if isinstance(value, str) and value in self.values:
+            return
+        if self.instance_of is not None and not isinstance(value, str):
+            raise TypeError(f"Invalid {name}={value!r}. Must be {self.must_be()}.")
+        hint = difflib.get_close_matches(value, self.values, n=1) if isinstance(value, str) else []
+        extra = f" Did you mean {hint[0]!r}?" if hint else ""
+        raise ValueError(f"{self.word} {name}={value!r}. Allowed: {', '.join(self.values)}.{extra}")
+
+
+@dataclass(frozen=True)
+class Pair(Spec):
+    """A tuple or list of two numbers, each within ``element``'s bounds."""
+
+    element: Number = Number("")
+    element_name: str = "element"
+
+    def must_be(self) -> str:
+        return f"a pair of numbers {self.element.range_text()}"
+
+    def check(self, name: str, value: object) -> None:
+        if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(_is_number(v) for v in value):
+            raise ValueError(f"Invalid {name}={value!r}. Must be {self.must_be()}.")
+        for i, v in enumerate(value):
+            if not self.element.within(v):
+                raise ValueError(
+                    f"Invalid {self.element_name} at index {i}: {v!r}. Must be {self.element.range_text()}."
+                )
+
+
+@dataclass(frozen=True)
+class Only(Spec):
+    """Exactly ``value`` (same type): a key accepted for compatibility whose other values are refused."""
+
+    value: object = None
+    refusal: str = "is not supported"
+
+    def must_be(self) -> str:
+        return f"{self.value!r} only"
+
+    def check(self, name: str, value: object) -> None:
+        if type(value) is not type(self.value) or value != self.value:
+            raise ValueError(f"{name}={value!r} {self.refusal}.")
+
+
+def option(default: Any, spec: Spec, *, param_group: bool = False) -> Any:
+    """A config field: its default, its ``Spec`` and (``param_group``) whether it is a parameter-group default."""
+    return field(default=default, metadata={SPEC: spec, PARAM_GROUP: param_group})
+
+
+def redefault(config_cls: type, name: str, default: Any) -> Any:
+    """``config_cls``'s field ``name`` (spec, doc, role) with another default, for a subclass."""
+    (base,) = (f for f in fields(config_cls) if f.name == name)
+    return field(default=default, metadata=base.metadata)
+
+
+def spec_of(config_cls: type, name: str) -> Spec:
+    """The ``Spec`` of field ``name``."""
+    (found,) = (f for f in fields(config_cls) if f.name == name)
+    return found.metadata[SPEC]
+
+
+def field_names(config_cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(config_cls))
+
+
+# --- the specs ----------------------------------------------------------------------------------
+LR = Number("step size (Adam's alpha; EF21: SGD's)", ge=0.0, finite=True)
+BETAS = Pair(
+    "(beta1, beta2): decay rates of the moments",
+    element=Number("", ge=0.0, lt=1.0),
+    element_name="beta parameter",
+)
+EPS = Number("added to the denominator (CD-Adam: inside the square root; 1-bit Adam: outside)", gt=0.0)
+WEIGHT_DECAY = Number("weight decay (CD-Adam, EF21: decoupled as AdamW; 1-bit Adam: added to the update)", ge=0.0)
+COMPRESSOR = Choice("the compressor, by name (Python: or a Compressor)", COMPRESSOR_NAMES, Compressor, "Unknown")
+BLOCK_SIZE = Int("coordinates per scale", ge=1, none_means="one block per shard")
+TIMEOUT_S = Number("collective timeout of the default transport", gt=0, note="seconds")
+SEED = Int("base of the shared per-step seeds (rand-k)")
+NONFINITE_GRADS = Choice(
+    "a NaN/inf gradient on any rank: 'error' raises on every rank, 'skip' skips the step on every rank",
+    NONFINITE_POLICIES,
+)
+CONSISTENCY_CHECK_EVERY = Int(
+    "every N steps, check that parameters and rank-identical state agree bit for bit on all ranks",
+    ge=0,
+    note="0: never",
+)
+WORKER_SCALE_SCOPE = Choice(
+    "'block': a worker scale per block; 'tensor': one per worker buffer (upstream OnebitAdam)", WORKER_SCALE_SCOPES
+)
+AMSGRAD = Bool("AMSGrad's running max of v (True, the paper) or Adam's v (False)")
+BIAS_CORRECTION = Bool(
+    "Adam's bias correction of m and vhat (default off: the paper's update)",
+    note="False: the paper, no correction; True: Adam's correction of m and vhat",
+)
+EXCHANGE = Choice(
+    "'markov' (CD-Adam) or a baseline: 'error_feedback', 'naive', 'none' (exact all-reduce)",
+    EXCHANGES,  # the live registry: a scheme registered later is allowed too
+    word="Unknown",
+)
+FREEZE_STEP = Int("exact-Adam warm-up steps before the variance freezes and the momentum is compressed", ge=0)
+RATIO = Number(
+    "kept fraction of each shard for 'topk' / 'randk'",
+    gt=0.0,
+    le=1.0,
+    none_means="0.016 for topk and randk, the paper's",
+)
+
+
+# --- the dataclasses ----------------------------------------------------------------------------
+C = TypeVar("C", bound="_Checked")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Checked:
+    """Checks every field against its ``Spec`` on construction, then the fields together."""
+
+    #: Prefix of the names in messages.
+    KEY_PREFIX: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            f.metadata[SPEC].check(self.KEY_PREFIX + f.name, getattr(self, f.name))
+        self._check_together()
+
+    def _check_together(self) -> None:
+        """Checks across fields (each field alone is already valid)."""
+
+    @classmethod
+    def from_arguments(cls: type[C], arguments: Mapping[str, Any]) -> C:
+        """The config of a constructor call, ``from_arguments(locals())``: takes every field from ``arguments``."""
+        return cls(**{name: arguments[name] for name in field_names(cls)})
+
+    def kwargs(self) -> dict[str, Any]:
+        """The fields as keyword arguments (of the optimizer's constructor)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeepSpeedOptions(_Checked):
+    """``optimizer.params`` keys of the DeepSpeed integration that are not optimizer arguments."""
+
+    KEY_PREFIX: ClassVar[str] = "optimizer.params."
+
+    comm_backend_name: str = option(
+        "torch",
+        Spec(
+            "'torch' (torch.distributed; upstream names such as 'nccl' mean the same) or 'mpi' (mpi4py); "
+            "checked against the accelerator when the engine builds the optimizer"
+        ),
+    )
+    cuda_aware: bool = option(False, Bool("CUDA-aware MPI: hand device tensors to MPI (comm_backend_name 'mpi')"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class OneBitAdamDeepSpeedOptions(DeepSpeedOptions):
+    """Also upstream OnebitAdam's keys, so that its configs load unchanged."""
+
+    bias_correction: bool = option(
+        True, Bool("upstream OnebitAdam's key: accepted and ignored (1-bit Adam applies no bias correction)")
+    )
+    eps_inside_sqrt: bool = option(
+        False,
+        Only(
+            "upstream OnebitAdam's key: only false (eps is added outside the square root)",
+            value=False,
+            refusal=(
+                "is not supported by OneBitAdam (upstream OnebitAdam ignored it); eps is added outside the square root"
+            ),
+        ),
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommonConfig(_Checked):
+    """Settings every optimizer takes (defaults: CD-Adam's, and 1-bit Adam's block_size None)."""
+
+    #: The DeepSpeed-only ``optimizer.params`` keys of this optimizer type.
+    DEEPSPEED_OPTIONS: ClassVar[type[DeepSpeedOptions]] = DeepSpeedOptions
+
+    lr: float = option(1e-3, LR, param_group=True)
+    weight_decay: float = option(0.0, WEIGHT_DECAY, param_group=True)
+    compressor: str | Compressor = option("scaled_sign", COMPRESSOR)
+    block_size: int | None = option(None, BLOCK_SIZE)
+    timeout_s: float = option(DEFAULT_TIMEOUT_S, TIMEOUT_S)
+    seed: int = option(0, SEED)
+    nonfinite_grads: str = option("error", NONFINITE_GRADS)
+    consistency_check_every: int = option(0, CONSISTENCY_CHECK_EVERY)
+
+    def param_group_defaults(self) -> dict[str, Any]:
+        """The ``defaults`` of ``torch.optim.Optimizer``: the fields a parameter group may override."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata[PARAM_GROUP]}
+
+    def build_compressor(self) -> Compressor:
+        return get_compressor(self.compressor)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdamConfig(CommonConfig):
+    """Settings of the Adam-type optimizers (CD-Adam, 1-bit Adam); betas become a tuple."""
+
+    betas: tuple[float, float] = option((0.9, 0.999), BETAS, param_group=True)
+    eps: float = option(1e-8, EPS, param_group=True)
+    worker_scale_scope: str = option("block", WORKER_SCALE_SCOPE)
+
+    def _check_together(self) -> None:
+        super()._check_together()
+        object.__setattr__(self, "betas", tuple(self.betas))  # JSON gives a list
+        check_worker_scale_scope(self.worker_scale_scope, self.build_compressor())  # 'tensor' needs a scaled sign
+
+
+@dataclass(frozen=True, kw_only=True)
+class CDAdamConfig(AdamConfig):
+    """``CDAdam``'s arguments (see its docstring for the defaults' measurements)."""
+
+    betas: tuple[float, float] = redefault(AdamConfig, "betas", (0.9, 0.99))
+    block_size: int | None = redefault(AdamConfig, "block_size", 256)
+    amsgrad: bool = option(True, AMSGRAD, param_group=True)
+    bias_correction: bool = option(False, BIAS_CORRECTION, param_group=True)
+    exchange: str = option("markov", EXCHANGE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OneBitAdamConfig(AdamConfig):
+    """``OneBitAdam``'s arguments (upstream OnebitAdam's defaults)."""
+
+    DEEPSPEED_OPTIONS: ClassVar[type[DeepSpeedOptions]] = OneBitAdamDeepSpeedOptions
+
+    compressor: str | Compressor = redefault(AdamConfig, "compressor", "sign_l2")
+    freeze_step: int = option(100000, FREEZE_STEP)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EF21Config(CommonConfig):
+    """``EF21``'s arguments: SGD's lr, top-k with the paper's ratio."""
+
+    #: The paper's K = 0.016 d: top-k's 64 bits per kept coordinate then cost about one bit per coordinate.
+    DEFAULT_RATIO: ClassVar[float] = 0.016
+
+    lr: float = redefault(CommonConfig, "lr", 0.01)
+    compressor: str | Compressor = redefault(CommonConfig, "compressor", "topk")
+    ratio: float | None = option(None, RATIO)
+
+    @property
+    def resolved_ratio(self) -> float | None:
+        """``ratio``, or for a "topk" / "randk" name without one the paper's ``DEFAULT_RATIO``."""
+        if self.ratio is None and self.compressor in ("topk", "randk"):
+            return self.DEFAULT_RATIO
+        return self.ratio
+
+    def build_compressor(self) -> Compressor:
+        if isinstance(self.compressor, Compressor):
+            if self.ratio is not None:
+                raise ValueError(
+                    f"Invalid ratio={self.ratio!r} with a Compressor instance: the instance carries its own."
+                )
+            return self.compressor
+        return get_compressor(self.compressor, ratio=self.resolved_ratio)  # a ratio for a sign compressor is an error
+
+    def _check_together(self) -> None:
+        super()._check_together()
+        self.build_compressor()
+
+
+def json_keys(config_cls: type[CommonConfig]) -> tuple[str, ...]:
+    """The DeepSpeed ``optimizer.params`` keys of an optimizer type: its fields, then its DeepSpeed-only keys."""
+    return field_names(config_cls) + field_names(config_cls.DEEPSPEED_OPTIONS)
+
+
+def describe(config_cls: type[CommonConfig]) -> str:
+    """One line per JSON key: default, doc, what it must be (generated documentation)."""
+    lines = []
+    for cls in (config_cls, config_cls.DEEPSPEED_OPTIONS):
+        for f in fields(cls):
+            spec: Spec = f.metadata[SPEC]
+            must_be = spec.must_be()
+            lines.append(f"{f.name} (default {f.default!r}): {spec.doc}." + (f" Must be {must_be}." if must_be else ""))
+    return "\n".join(lines)
