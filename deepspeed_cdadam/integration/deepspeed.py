@@ -257,23 +257,15 @@ def configure_engine_for(engine: Any, optimizer: CompressedOptimizer) -> None:
     # DeepSpeed saves rank 0's optimizer state_dict and loads it on every rank; our per-rank files
     # then restore each rank's own compression state (load_checkpoint below)
     optimizer.accept_foreign_rank_state = True
-    if isinstance(optimizer, OneBitAdam):
-        optimizer.warmup_grads_are_averaged = True  # the engine all-reduces during the warm-up
-        optimizer.on_phase_change = lambda compressed: _set_engine_allreduce(
-            engine, not (compressed or optimizer.freeze_step == 0)
-        )
+    # the engine averages the gradients on the steps the optimizer lets it (1-bit Adam's warm-up)
+    optimizer.engine_averages_exact_steps = optimizer.ENGINE_MAY_AVERAGE_EXACT_STEPS
+    optimizer.on_next_step = lambda opt: _set_engine_allreduce(engine, opt.engine_allreduces())
     sync_engine_allreduce(engine, optimizer)
 
 
 def sync_engine_allreduce(engine: Any, optimizer: CompressedOptimizer) -> None:
-    """The engine's all-reduce on only for 1-bit Adam's warm-up steps (the next one's phase)."""
-    compressed = True
-    if isinstance(optimizer, OneBitAdam):
-        # freeze_step == 0: compressed from step 1, also before any state exists (looked up with
-        # .get: the state is a defaultdict, and a fresh optimizer keeps an empty one)
-        started = any(optimizer.state.get(g["params"][0]) for g in optimizer.param_groups if g["params"])
-        compressed = optimizer.freeze_step == 0 or (started and optimizer.next_step_is_compressed())
-    _set_engine_allreduce(engine, not compressed)
+    """The engine's all-reduce on exactly when the optimizer's next step needs it (``engine_allreduces``)."""
+    _set_engine_allreduce(engine, optimizer.engine_allreduces())
 
 
 def _set_engine_allreduce(engine: Any, enabled: bool) -> None:

@@ -31,7 +31,8 @@ from ..compressors.registry import get_compressor
 from ..exchange import EXCHANGES, Exchange, make_exchange
 from ..state import FULL, PER_RANK, RANK_IDENTICAL, StateSpec, keys_with_scope
 from ..types import EXP_AVG, EXP_AVG_SQ, MASTER_PARAMS, MAX_EXP_AVG_SQ, STEP
-from .safety import check_ranks_agree, ranks_with_nonfinite
+from ..schedule import StepKind
+from .safety import agree_on_step, check_ranks_agree
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,11 @@ class CompressedOptimizer(torch.optim.Optimizer):
         self.param_names: dict[int, str] = {}
         self.comm_stats = CommStats()
         self._trainable_ids: dict[int, tuple[int, ...]] = {}  # group index -> trainable params at the first step
+        # Set by a framework whose engine averages the gradients on EXACT steps (see engine_allreduces)
+        self.engine_averages_exact_steps = False
+        # Called with the optimizer after every step and after a load (the DeepSpeed integration
+        # switches the engine's all-reduce from engine_allreduces())
+        self.on_next_step: Any = None
         for group in self.param_groups:
             self._check_group(group)
 
@@ -302,7 +308,8 @@ class CompressedOptimizer(torch.optim.Optimizer):
         for (index, group, params), grad in zip(groups, grads):
             check_on_transport_device(self.transport, grad, f"The gradient of param_groups[{index}]")
             self._check_layout_unchanged(index, group, params, grad)
-        if not self._gradients_usable(groups, grads):
+        planned = self.planned_step()
+        if not self._gradients_usable(groups, grads, planned):
             return loss
         for (index, group, params), grad in zip(groups, grads):
             state = self.group_state(group)
@@ -312,12 +319,39 @@ class CompressedOptimizer(torch.optim.Optimizer):
                 self.init_group_state(index, group, state, zeros)
             state[STEP] += 1
             targets = self.update_targets(params, state)  # params, or their fp32 master copy
-            self.group_step(index, group, targets, state, grad)
+            self.group_step(index, group, targets, state, grad, planned)
             self.copy_master_to_params(params, state)
         self.steps_taken += 1
         if self.consistency_check_every and self.steps_taken % self.consistency_check_every == 0:
             self.check_ranks_agree()
+        self.notify_next_step()
         return loss
+
+    # --- the communication schedule --------------------------------------------------------
+    #: True if this optimizer lets a framework's exact gradient average stand in for its own on
+    #: ``EXACT`` steps (1-bit Adam's warm-up); set ``engine_averages_exact_steps`` to use that.
+    ENGINE_MAY_AVERAGE_EXACT_STEPS = False
+
+    def completed_steps(self) -> int:
+        """Steps applied so far (skipped steps excluded): the ``step`` count of the group states."""
+        return max((self.group_state(g).get(STEP, 0) for g in self.param_groups if self.trainable(g)), default=0)
+
+    def planned_step(self) -> StepKind:
+        """The kind of the next step (``schedule.StepKind``); agreed by every rank before it runs."""
+        return StepKind.EXACT if self.exchange_name == "none" else StepKind.COMPRESSED
+
+    def engine_allreduces(self) -> bool:
+        """Whether a framework (DeepSpeed's engine) must average the gradients for the next step."""
+        return (
+            self.ENGINE_MAY_AVERAGE_EXACT_STEPS
+            and self.engine_averages_exact_steps
+            and self.planned_step() == StepKind.EXACT
+        )
+
+    def notify_next_step(self) -> None:
+        """Tell the framework (``on_next_step``) what the next step needs: after each step and after a load."""
+        if self.on_next_step is not None:
+            self.on_next_step(self)
 
     # --- safety -------------------------------------------------------------------------
     def _check_layout_unchanged(self, index: int, group: dict[str, Any], params: list, grad: torch.Tensor) -> None:
@@ -343,9 +377,10 @@ class CompressedOptimizer(torch.optim.Optimizer):
         name = self.param_names.get(id(p))
         return repr(name) if name else f"param_groups[{group_index}]['params'][{param_index}] (shape {tuple(p.shape)})"
 
-    def _gradients_usable(self, groups: list, grads: list[torch.Tensor]) -> bool:
-        """False (on every rank alike) to skip this step; raises (on every rank alike) for policy 'error'."""
-        bad_ranks = ranks_with_nonfinite(self.transport, grads, self.comm_stats)
+    def _gradients_usable(self, groups: list, grads: list[torch.Tensor], planned: StepKind) -> bool:
+        """False (on every rank alike) to skip this step; raises (on every rank alike) for policy 'error'
+        or when the ranks planned different kinds of step."""
+        bad_ranks = agree_on_step(self.transport, grads, planned, self.comm_stats)
         if not bad_ranks:
             return True
         if self.nonfinite_grads == "skip":
@@ -378,8 +413,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
                 for key in keys_with_scope(self.state_specs(), RANK_IDENTICAL)
                 if key in state
             ]
-        step = max((self.group_state(g).get(STEP, 0) for g in self.param_groups if self.trainable(g)), default=0)
-        check_ranks_agree(self.transport, named, step, self.comm_stats)
+        check_ranks_agree(self.transport, named, self.completed_steps(), self.comm_stats)
 
     def reset_compression_state(self) -> None:
         """Restart every group's compression state (Markov states, error buffers) from zero, on this rank.
@@ -402,9 +436,16 @@ class CompressedOptimizer(torch.optim.Optimizer):
 
     @abstractmethod
     def group_step(
-        self, index: int, group: dict[str, Any], params: list[torch.Tensor], state: dict[str, Any], grad: torch.Tensor
+        self,
+        index: int,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        state: dict[str, Any],
+        grad: torch.Tensor,
+        kind: StepKind,
     ) -> None:
-        """Exchange ``grad`` (this rank's flat gradient) and update ``params``; ``state[STEP]`` is already t.
+        """Exchange ``grad`` (this rank's flat gradient) and update ``params``; ``state[STEP]`` is already t;
+        ``kind`` is the step every rank agreed to run.
 
         ``params`` are the tensors to update in place: the group's parameters, or for fp16/bf16
         parameters a one-element list holding their flat fp32 master copy.

@@ -10,6 +10,7 @@ from ..comm.transport import DEFAULT_TIMEOUT_S, Transport
 from ..compressors.base import Compressor
 from ..config import CDAdamConfig
 from ..types import EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP
+from ..schedule import StepKind
 from .base import ADAM_MOMENTS, AMSGRAD_MAX, CompressedOptimizer
 from .functional import amsgrad_direction, apply_update_
 
@@ -159,7 +160,13 @@ class CDAdam(CompressedOptimizer):
         self._exchange_for(index, zeros.numel()).init_state(state, zeros)  # Markov states (or error buffers)
 
     def group_step(
-        self, index: int, group: dict[str, Any], params: list[torch.Tensor], state: dict[str, Any], grad: torch.Tensor
+        self,
+        index: int,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        state: dict[str, Any],
+        grad: torch.Tensor,
+        kind: StepKind,
     ) -> None:
         # (1)-(5): compressed exchange; every rank gets the same estimate gtil
         exchange = self._exchange_for(index, grad.numel())

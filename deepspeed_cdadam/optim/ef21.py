@@ -10,6 +10,7 @@ from ..comm.transport import DEFAULT_TIMEOUT_S, Transport
 from ..compressors.base import Compressor
 from ..config import EF21Config
 from ..types import DOWN_MARKOV_STATE, STEP
+from ..schedule import StepKind
 from .base import CompressedOptimizer
 from .functional import apply_update_
 
@@ -87,7 +88,13 @@ class EF21(CompressedOptimizer):
         self._exchange_for(index, zeros.numel()).init_state(state, zeros)
 
     def group_step(
-        self, index: int, group: dict[str, Any], params: list[torch.Tensor], state: dict[str, Any], grad: torch.Tensor
+        self,
+        index: int,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        state: dict[str, Any],
+        grad: torch.Tensor,
+        kind: StepKind,
     ) -> None:
         # (1)-(2): the compressed exchange; every rank gets the same estimate gtil
         estimate = self._exchange_for(index, grad.numel()).exchange(grad, state, step=state[STEP], group=index)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,6 +10,7 @@ from ..comm.transport import DEFAULT_TIMEOUT_S, Transport
 from ..compressors.base import Compressor
 from ..config import OneBitAdamConfig
 from ..types import EXP_AVG, EXP_AVG_SQ, STEP
+from ..schedule import StepKind
 from .base import CompressedOptimizer
 from .functional import adam_moments_, apply_update_, onebit_adam_direction
 
@@ -95,12 +95,6 @@ class OneBitAdam(CompressedOptimizer):
         for group in self.param_groups:  # a wrong mask fails here, not after the warm-up
             if "exp_avg_mask" in group:
                 self._check_mask(group["exp_avg_mask"], self.group_numel(group))
-        # Set by the DeepSpeed integration: during the warm-up the engine has already averaged the
-        # gradients, so the optimizer uses them as they are instead of all-reducing again.
-        self.warmup_grads_are_averaged = False
-        # Called with True once the next step is compressed (and False while it is not), after
-        # every step and after loading a checkpoint: the engine turns its all-reduce off / on.
-        self.on_phase_change: Callable[[bool], None] | None = None
 
     @staticmethod
     def _check_mask(mask: object, numel: int) -> None:
@@ -115,19 +109,13 @@ class OneBitAdam(CompressedOptimizer):
         cls._check_mask(mask, like.numel())  # the group may have been edited since construction
         return mask.reshape(-1).to(device=like.device, dtype=like.dtype)  # type: ignore[union-attr]
 
-    def next_step_is_compressed(self) -> bool:
-        """True once ``freeze_step`` steps have been taken."""
-        steps = [self.group_state(g).get(STEP, 0) for g in self.param_groups if self.trainable(g)]
-        return bool(steps) and steps[0] >= self.freeze_step
+    #: During the warm-up a framework's exact gradient average (DeepSpeed's engine all-reduce) may
+    #: stand in for the optimizer's own (``engine_averages_exact_steps``), as upstream's OnebitAdam does.
+    ENGINE_MAY_AVERAGE_EXACT_STEPS = True
 
-    def notify_phase(self) -> None:
-        if self.on_phase_change is not None:
-            self.on_phase_change(self.next_step_is_compressed())
-
-    def step(self, closure: Any = None) -> Any:
-        loss = super().step(closure)
-        self.notify_phase()
-        return loss
+    def planned_step(self) -> StepKind:
+        """``EXACT`` for steps 1..freeze_step (the warm-up), ``COMPRESSED`` after."""
+        return StepKind.EXACT if self.completed_steps() + 1 <= self.freeze_step else StepKind.COMPRESSED
 
     def init_group_state(self, index: int, group: dict[str, Any], state: dict[str, Any], zeros: torch.Tensor) -> None:
         state[EXP_AVG] = zeros.clone()  # m_t
@@ -135,14 +123,20 @@ class OneBitAdam(CompressedOptimizer):
         self._exchange_for(index, zeros.numel()).init_state(state, zeros)  # worker_error, server_error
 
     def group_step(
-        self, index: int, group: dict[str, Any], params: list[torch.Tensor], state: dict[str, Any], grad: torch.Tensor
+        self,
+        index: int,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        state: dict[str, Any],
+        grad: torch.Tensor,
+        kind: StepKind,
     ) -> None:
         beta1, beta2 = group["betas"]
         step = state[STEP]
         non_freeze = bool(group.get("non_freeze", False))
-        if step <= self.freeze_step or non_freeze:
+        if kind == StepKind.EXACT or non_freeze:
             # (1) exact average of the gradients; (2) Adam moments
-            if self.warmup_grads_are_averaged and step <= self.freeze_step:
+            if self.engine_averages_exact_steps and kind == StepKind.EXACT:
                 mean_grad = grad
             else:
                 mean_grad = self._exchange_for(index, grad.numel(), "none").exchange(

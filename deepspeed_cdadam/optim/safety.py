@@ -1,7 +1,8 @@
 """Checks that keep every rank's training identical and finite, each agreed on by all ranks.
 
-* ``ranks_with_nonfinite``: which ranks hold a NaN/inf gradient this step (one small all-reduce),
-  so that every rank raises, or every rank skips, alike: no rank is left waiting in a collective.
+* ``agree_on_step``: which ranks hold a NaN/inf gradient this step, and that every rank plans the
+  same kind of step (``schedule.StepKind``), in one small all-reduce: every rank raises, or every
+  rank skips, or every rank runs the same step; no rank is left waiting in a collective.
 * ``check_ranks_agree``: exact fingerprints of parameters and rank-identical optimizer state,
   all-gathered and compared with rank 0's; the first differing tensor is named.
 """
@@ -14,6 +15,7 @@ import torch
 
 from ..comm.accounting import CommStats, all_gather_bytes_sent, all_reduce_bytes_sent
 from ..comm.transport import Transport, control_device
+from ..schedule import ScheduleMismatchError, StepKind
 
 NONFINITE_POLICIES = ("error", "skip")
 
@@ -27,17 +29,34 @@ def _count(stats: CommStats | None, handed: int, sent: float) -> None:
         stats.collective_calls += 1
 
 
-def ranks_with_nonfinite(
-    transport: Transport, grads: Sequence[torch.Tensor], stats: CommStats | None = None
+def agree_on_step(
+    transport: Transport, grads: Sequence[torch.Tensor], planned: StepKind, stats: CommStats | None = None
 ) -> list[int]:
-    """Ranks whose gradients contain NaN or inf (the same list on every rank)."""
+    """Ranks whose gradients contain NaN or inf (the same list on every rank), after checking that
+    every rank planned the same kind of step.
+
+    One float per rank travels: ``2 * planned + nonfinite`` in the rank's own slot (exact in fp32).
+    Raises ``ScheduleMismatchError`` on every rank if the plans differ.
+    """
     device = control_device(transport)
     flags = torch.zeros(transport.world_size, dtype=torch.float32, device=device)
     for g in grads:  # no host round trip per gradient: the flag is computed where the gradient lives
-        flags[transport.rank] += (~torch.isfinite(g)).any().to(device=device, dtype=torch.float32)
+        flags[transport.rank] = torch.maximum(
+            flags[transport.rank], (~torch.isfinite(g)).any().to(device=device, dtype=torch.float32)
+        )
+    flags[transport.rank] += 2.0 * int(planned)
     transport.all_reduce_sum(flags)
     _count(stats, 4 * transport.world_size, all_reduce_bytes_sent(4 * transport.world_size, transport.world_size))
-    return (flags > 0).nonzero().flatten().tolist()
+    codes = [int(c) for c in flags.tolist()]
+    plans = [StepKind(c // 2) for c in codes]
+    if len(set(plans)) > 1:
+        raise ScheduleMismatchError(
+            "Ranks planned different kinds of step: "
+            + ", ".join(f"rank {r}: {p.name}" for r, p in enumerate(plans))
+            + ". Their optimizer settings or states differ (e.g. freeze_step, or a checkpoint loaded on some "
+            "ranks only); stop and restart every rank from the same checkpoint and config."
+        )
+    return [r for r, c in enumerate(codes) if c % 2]
 
 
 def fingerprint(t: torch.Tensor) -> torch.Tensor:

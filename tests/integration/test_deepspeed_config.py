@@ -327,7 +327,7 @@ def test_client_optimizer_under_bf16_does_not_count_the_wrapper_set_up_step(call
 
 def test_client_onebitadam_turns_the_engine_allreduce_off_after_its_warmup():
     engine, _, _, _ = _init_client(lambda ps: OneBitAdam(ps, lr=0.01, freeze_step=2))
-    assert engine.enable_backward_allreduce and engine.basic_optimizer.warmup_grads_are_averaged
+    assert engine.enable_backward_allreduce and engine.basic_optimizer.engine_averages_exact_steps
     _batches(engine, 2)
     assert not engine.enable_backward_allreduce
 

@@ -64,7 +64,7 @@ def replay(cls, kwargs: dict, records: list[dict]) -> list[list[torch.Tensor]]:
         p = torch.nn.Parameter(records[rank]["x0"].clone())
         opt = cls([p], transport=transport, **kwargs)
         if isinstance(opt, OneBitAdam):
-            opt.warmup_grads_are_averaged = True  # the engine averaged them during the warm-up
+            opt.engine_averages_exact_steps = True  # the engine averaged them during the warm-up
         out = []
         for g in records[rank]["grads"]:
             p.grad = g.clone()
