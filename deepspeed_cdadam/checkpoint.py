@@ -10,6 +10,8 @@ ranks together (one small all-reduce), so they all restore, all reset, or all ra
   reset on every rank, with a warning; moments, step counts and weights are kept;
 * any file is unreadable (corrupted, truncated) or was written by another optimizer type or for
   another parameter layout: ``CheckpointMismatchError`` on every rank, naming the problem;
+* a file of format 1 (one flat buffer per parameter group, before communication buckets) is
+  refused the same way, unless each of its groups is exactly one bucket (the same buffers);
 * ``restore=False`` on every rank (the framework did not load optimizer states: a warm start):
   no file is read and the compression state is left as it is; ``restore`` differing between
   ranks is a ``CheckpointMismatchError`` on every rank.
@@ -30,7 +32,8 @@ from .types import STEP
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+#: 2: one entry per communication bucket (``optim.base.Bucket``); 1: one per parameter group.
+FORMAT_VERSION = 2
 _OK, _MISSING, _BAD, _SKIPPED = 0, 1, 2, 3
 
 
@@ -42,9 +45,44 @@ def rank_state_path(directory: str, rank: int, world_size: int) -> str:
     return os.path.join(directory, f"cdadam_rank{rank}_of_{world_size}.pt")
 
 
-def group_layout(optimizer: Any) -> list[int]:
-    """Coordinates of each parameter group's flat buffer."""
-    return [optimizer.group_numel(g) for g in optimizer.param_groups]
+def bucket_layout(optimizer: Any) -> list[int]:
+    """Coordinates of each communication bucket's flat buffer."""
+    return [b.numel for b in optimizer.buckets()]
+
+
+def _per_group_layout_is_bucket_layout(optimizer: Any) -> bool:
+    """True if every parameter group with trainable parameters is exactly one bucket, in order:
+    then the per-group flat buffers of format 1 are the bucket buffers."""
+    groups = [gi for gi, g in enumerate(optimizer.param_groups) if optimizer.trainable(g)]
+    buckets = optimizer.buckets()
+    return len(groups) == len(buckets) and all(
+        len(b.segments) == 1 and b.segments[0].group_index == gi
+        and len(b.params) == len(optimizer.trainable(optimizer.param_groups[gi]))
+        for gi, b in zip(groups, buckets)
+    )
+
+
+def check_bucket_layout(optimizer: Any) -> None:
+    """Refuse a loaded optimizer state in the per-group layout (state under a parameter that does not
+    start a bucket, or one bucket's worth of flat buffers of another size): it predates buckets."""
+    firsts = {id(b.params[0]): b for b in optimizer.buckets()}
+    key = optimizer.FLAT_STATE_KEY
+    for gi, group in enumerate(optimizer.param_groups):
+        for pi, p in enumerate(group["params"]):
+            state = optimizer.state.get(p, {})
+            flat = state.get(key)
+            if not torch.is_tensor(flat) or flat.dim() != 1 or not isinstance(state.get(STEP), int):
+                continue  # not our flat state (another optimizer's is reported by check_loaded_state)
+            bucket = firsts.get(id(p))
+            if bucket is not None and flat.numel() == bucket.numel:
+                continue
+            raise CheckpointMismatchError(
+                f"The optimizer state loaded for param_groups[{gi}]['params'][{pi}] holds flat buffers of "
+                f"{flat.numel()} coordinates in the per-parameter-group layout of deepspeed_cdadam before "
+                f"communication buckets; {type(optimizer).__name__} now keeps one flat buffer per bucket (all "
+                f"groups' parameters of one dtype and device: sizes {bucket_layout(optimizer)}). Resume it with "
+                "the version that wrote it, or load the model weights only (load_optimizer_states=False)."
+            )
 
 
 def save_rank_state(optimizer: Any, directory: str) -> str:
@@ -57,14 +95,14 @@ def save_rank_state(optimizer: Any, directory: str) -> str:
         "optimizer": type(optimizer).__name__,
         "world_size": tr.world_size,
         "rank": tr.rank,
-        "layout": group_layout(optimizer),
+        "layout": bucket_layout(optimizer),
         # counters, so a resumed run keeps counting bytes and skipped steps where it stopped
         "comm_stats": dataclasses.asdict(optimizer.comm_stats),
         "skipped_steps": optimizer.skipped_steps,
         "steps_taken": optimizer.steps_taken,
-        "groups": [
-            {k: v.detach().cpu().clone() for k, v in optimizer.group_state(g).items() if k in per_rank}
-            for g in optimizer.param_groups
+        "buckets": [
+            {k: v.detach().cpu().clone() for k, v in optimizer.bucket_state(b).items() if k in per_rank}
+            for b in optimizer.buckets()
         ],
     }
     path = rank_state_path(directory, tr.rank, tr.world_size)
@@ -81,23 +119,34 @@ def _read(optimizer: Any, path: str) -> tuple[int, str, dict | None]:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to read is reported the same way
         return _BAD, f"{path} is unreadable (corrupted or truncated): {type(err).__name__}: {err}", None
-    if not isinstance(saved, dict) or saved.get("format") != FORMAT_VERSION:
+    if not isinstance(saved, dict) or saved.get("format") not in (1, FORMAT_VERSION):
         return _BAD, f"{path} is not a deepspeed_cdadam rank-state file (format {FORMAT_VERSION})", None
     if saved["optimizer"] != type(optimizer).__name__:
         return _BAD, f"{path} was written by {saved['optimizer']}, not {type(optimizer).__name__}", None
-    if saved["layout"] != group_layout(optimizer):
+    if saved["format"] == 1:  # one entry per parameter group (before buckets)
+        groups = [(n, entry) for n, entry in zip(saved["layout"], saved["groups"]) if n]
+        if not _per_group_layout_is_bucket_layout(optimizer) or [n for n, _ in groups] != bucket_layout(optimizer):
+            return (
+                _BAD,
+                f"{path} holds one flat buffer per parameter group (format 1, groups of sizes {saved['layout']}); "
+                f"{type(optimizer).__name__} now keeps one per communication bucket (all groups' parameters of one "
+                f"dtype and device: sizes {bucket_layout(optimizer)}), so its compression state cannot be resumed",
+                None,
+            )
+        saved = {**saved, "layout": [n for n, _ in groups], "buckets": [entry for _, entry in groups]}
+    if saved["layout"] != bucket_layout(optimizer):
         return (
             _BAD,
-            f"{path} holds parameter groups of sizes {saved['layout']}, the model has {group_layout(optimizer)}",
+            f"{path} holds buckets of sizes {saved['layout']}, the model has {bucket_layout(optimizer)}",
             None,
         )
     return _OK, "", saved
 
 
 def check_loaded_state(optimizer: Any) -> None:
-    """Raise if the (framework-loaded) optimizer state is not this optimizer's flat group state."""
-    for gi, (group, numel) in enumerate(zip(optimizer.param_groups, group_layout(optimizer))):
-        state = optimizer.group_state(group) if numel else {}
+    """Raise if the (framework-loaded) optimizer state is not this optimizer's flat bucket state."""
+    for bucket in optimizer.buckets():
+        state, numel = optimizer.bucket_state(bucket), bucket.numel
         key = optimizer.FLAT_STATE_KEY
         ours = (
             key in state
@@ -107,7 +156,7 @@ def check_loaded_state(optimizer: Any) -> None:
         )
         if state and not ours:
             raise CheckpointMismatchError(
-                f"The optimizer state loaded for param_groups[{gi}] was not written by {type(optimizer).__name__} "
+                f"The optimizer state loaded for {bucket.describe()} was not written by {type(optimizer).__name__} "
                 f"(expected flat buffers of {numel} coordinates): was the checkpoint made with another optimizer?"
             )
 
@@ -147,6 +196,7 @@ def load_rank_state(optimizer: Any, directory: str, restore: bool = True) -> boo
             + (f"; here: {problem}." if problem else ".")
         )
     check_loaded_state(optimizer)
+    check_bucket_layout(optimizer)
     if any(codes[r] == _MISSING for r in range(tr.world_size)):
         logger.warning(
             "No per-rank compression state for world_size=%d in %s: resetting the compression state "
@@ -157,8 +207,8 @@ def load_rank_state(optimizer: Any, directory: str, restore: bool = True) -> boo
         optimizer.reset_compression_state()
         return False
     assert saved is not None
-    for group, per_rank in zip(optimizer.param_groups, saved["groups"]):
-        state = optimizer.group_state(group)
+    for bucket, per_rank in zip(optimizer.buckets(), saved["buckets"]):
+        state = optimizer.bucket_state(bucket)
         for key, value in per_rank.items():
             state[key] = value.to(device=state[optimizer.FLAT_STATE_KEY].device)
     if "comm_stats" in saved:

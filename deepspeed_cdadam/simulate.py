@@ -6,6 +6,11 @@ code is the ``ShardLayout``: ``C`` is applied shard by shard with the layout's b
 a sharded server does. Tests demand that the distributed optimizers equal these references, and
 the references are themselves checked against a line-by-line transcription of Algorithm 1.
 
+``x`` is one communication bucket: the hyperparameters (``lr``, ``betas``, ``eps``,
+``weight_decay``, ``amsgrad``) are floats, or tensors with one entry per coordinate for a
+bucket whose parameter groups differ (``per_coordinate``), and one ``ShardLayout`` spans the
+whole vector, as the distributed optimizers shard a bucket.
+
 ``step(worker_grads)`` takes one gradient per worker and returns the new ``x``. ``bits_up`` is the
 total of information bits all workers sent up, ``bits_down`` the bits of the servers' broadcast
 (the compressed vector, counted once); ``compressor.payload_bits`` for compressed messages, 32 bits
@@ -53,11 +58,16 @@ def compress_by_shard(
     return torch.cat(parts)
 
 
+def per_coordinate(segments: list[tuple[int, float]], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A hyperparameter over a bucket: ``segments`` = ``[(numel, value), ...]``, its groups in order."""
+    return torch.cat([torch.full((n,), v, dtype=dtype if not isinstance(v, bool) else torch.bool) for n, v in segments])
+
+
 class Reference(ABC):
     """Common bookkeeping: model, step counter, bit counters.
 
-    ``group`` is the parameter-group index the distributed optimizer would use (it feeds the
-    shared rand-k seeds).
+    ``group`` is the bucket index the distributed optimizer would use (it feeds the shared rand-k
+    seeds).
     """
 
     def __init__(
@@ -108,6 +118,8 @@ class Reference(ABC):
 class AMSGradStep:
     """``m, v, vhat`` and the update ``x -= lr * m / sqrt(vhat + eps)`` (+ decoupled weight decay).
 
+    Every hyperparameter may be a per-coordinate tensor (``amsgrad`` a bool tensor).
+
     With ``bias_correction`` (not in the paper): ``x -= lr * mhat / sqrt(vhat / (1 - b2^t) + eps)``
     with ``mhat = m / (1 - b1^t)``, t counting the calls (torch.optim.Adam's correction, eps inside).
     """
@@ -134,7 +146,10 @@ class AMSGradStep:
         self.t += 1
         self.m = self.b1 * self.m + (1 - self.b1) * g
         self.v = self.b2 * self.v + (1 - self.b2) * g * g
-        self.vhat = torch.maximum(self.vhat, self.v) if self.amsgrad else self.v
+        if torch.is_tensor(self.amsgrad):  # per coordinate: AMSGrad's max where True, Adam's v elsewhere
+            self.vhat = torch.where(self.amsgrad, torch.maximum(self.vhat, self.v), self.v)
+        else:
+            self.vhat = torch.maximum(self.vhat, self.v) if self.amsgrad else self.v
         if self.bias_correction:
             mhat = self.m / (1 - self.b1**self.t)
             direction = mhat / (self.vhat / (1 - self.b2**self.t) + self.eps).sqrt()

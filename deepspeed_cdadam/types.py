@@ -1,7 +1,8 @@
 """Shared names: the ``Compressed`` payload, optimizer state keys and error classes.
 
 State keys are grouped by checkpoint policy (Distributed Shampoo's habit). The optimizers
-keep one flat buffer per parameter group, stored in ``optimizer.state[group["params"][0]]``.
+keep one flat buffer per communication bucket (all trainable parameters of one dtype and device,
+across parameter groups), stored in ``optimizer.state[bucket.params[0]]`` (``optim.base.Bucket``).
 """
 
 from __future__ import annotations

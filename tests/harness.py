@@ -1,7 +1,9 @@
 """Shared model, gradients and runners for distributed == simulator tests.
 
-The model has two parameter groups with sizes that are not multiples of 8 * world_size, and a
-parameter that never receives a gradient (it still travels as zeros, as the simulator assumes).
+The model has two parameter groups (different lr) with sizes that are not multiples of
+8 * world_size, and a parameter that never receives a gradient (it still travels as zeros, as the
+simulator assumes). Both groups are one communication bucket: the reference is one vector of
+38 + 15 coordinates with a per-coordinate lr and one ``ShardLayout`` over all of it.
 Gradients depend on the rank, the step and the current parameters, so any divergence grows.
 """
 
@@ -18,6 +20,7 @@ from deepspeed_cdadam.simulate import (
     ErrorFeedbackAMSGradReference,
     NaiveAMSGradReference,
     OneBitAdamReference,
+    per_coordinate,
 )
 
 GROUP_SHAPES = [[(5, 7), (3,)], [(11,), (2, 2)]]  # 38 and 15 coordinates
@@ -60,6 +63,35 @@ CASES = {
 }
 
 
+#: Cases whose groups differ in more than lr: each group's hyperparameters (both groups given in
+#: full), applied to the optimizer's param groups and, per coordinate, to the reference.
+GROUP_HPARAMS = {
+    "cdadam_group_hparams": [
+        {"betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1, "amsgrad": True},
+        {"betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.0, "amsgrad": False},
+    ],
+    "onebit_group_hparams": [
+        {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01},
+        {"betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.0},
+    ],
+}
+CASES["cdadam_group_hparams"] = (CDAdam, {}, CDAdamReference, {})
+CASES["onebit_group_hparams"] = (OneBitAdam, {"freeze_step": 5}, OneBitAdamReference, {"freeze_step": 5})
+
+
+def _reference_hparams(case: str, sizes: list[int], dtype: torch.dtype) -> dict:
+    """Per-coordinate lr (and the other hyperparameters of ``GROUP_HPARAMS``) over the bucket."""
+    out = {"lr": per_coordinate([(n, GROUP_LR[gi]) for gi, n in enumerate(sizes)], dtype)}
+    groups = GROUP_HPARAMS.get(case)
+    if groups:
+        for key in groups[0]:
+            if key == "betas":
+                out[key] = tuple(per_coordinate([(n, g[key][k]) for n, g in zip(sizes, groups)], dtype) for k in (0, 1))
+            else:
+                out[key] = per_coordinate([(n, g[key]) for n, g in zip(sizes, groups)], dtype)
+    return out
+
+
 def initial_groups(dtype: torch.dtype) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(1234)
     return [
@@ -93,7 +125,7 @@ def run_optimizer(case: str, rank: int, transport, steps: int, dtype=torch.float
             for t, s in zip(x0.split([torch.Size(s).numel() for s in shapes]), shapes)
         ]
         params.append(ps)
-        groups.append({"params": ps, "lr": GROUP_LR[gi]})
+        groups.append({"params": ps, "lr": GROUP_LR[gi], **GROUP_HPARAMS.get(case, [{}, {}])[gi]})
     opt = opt_cls(groups, transport=transport, block_size=block_size, **_compressor(kwargs))
     history = []
     for t in range(1, steps + 1):
@@ -108,23 +140,23 @@ def run_optimizer(case: str, rank: int, transport, steps: int, dtype=torch.float
 
 
 def run_reference(case: str, world_size: int, steps: int, dtype=torch.float64, block_size=None):
+    """The reference on the one bucket both groups form; returns the iterates split by group."""
     _, _, ref_cls, kwargs = CASES[case]
-    refs = []
     kwargs = dict(kwargs)
     scope = kwargs.pop("worker_scale_scope", "block")
-    for gi, x0 in enumerate(initial_groups(dtype)):
-        ref = ref_cls(
-            x0, world_size, ShardLayout(x0.numel(), world_size, block_size), lr=GROUP_LR[gi], **_compressor(kwargs)
-        )
-        ref.group = gi
-        ref.worker_scale_scope = scope
-        refs.append(ref)
+    x0s = initial_groups(dtype)
+    sizes = [x.numel() for x in x0s]
+    x0 = torch.cat(x0s)
+    hparams = _reference_hparams(case, sizes, dtype)
+    ref = ref_cls(x0, world_size, ShardLayout(x0.numel(), world_size, block_size), **hparams, **_compressor(kwargs))
+    ref.group = 0  # the bucket's index
+    ref.worker_scale_scope = scope
     history = []
     for t in range(1, steps + 1):
-        xs = []
-        for gi, ref in enumerate(refs):
-            xs.append(ref.step([gradient(gi, r, t, ref.x) for r in range(world_size)]).clone())
-        history.append(xs)
+        grads = [
+            torch.cat([gradient(gi, r, t, x) for gi, x in enumerate(ref.x.split(sizes))]) for r in range(world_size)
+        ]
+        history.append([x.clone() for x in ref.step(grads).split(sizes)])
     return history
 
 

@@ -67,7 +67,7 @@ def test_other_optimizer_type_is_an_error(tmp_path):
 def test_other_parameter_layout_is_an_error(tmp_path):
     _save_all(tmp_path)
     with pytest.raises(
-        CheckpointMismatchError, match=re.escape("holds parameter groups of sizes [10], the model has [12]")
+        CheckpointMismatchError, match=re.escape("holds buckets of sizes [10], the model has [12]")
     ):
         _load_all(tmp_path, CDAdam, numel=12)
 
@@ -110,3 +110,64 @@ def test_ranks_disagreeing_on_restoring_is_an_error_on_every_rank(tmp_path):
 
     InProcessWorld(2).run(worker)
     assert all(e is not None and "rank(s) [1] load without them" in e for e in errors), errors
+
+
+def _two_groups(rank, transport, steps=2):
+    """A decay / no-decay split: two groups, one bucket of 10 + 6 coordinates."""
+    p0 = torch.nn.Parameter(torch.linspace(-1, 1, 10, dtype=torch.float64))
+    p1 = torch.nn.Parameter(torch.linspace(-1, 1, 6, dtype=torch.float64))
+    opt = CDAdam([{"params": [p0], "weight_decay": 0.1}, {"params": [p1]}], lr=1e-2, transport=transport)
+    for t in range(steps):
+        for p in (p0, p1):
+            p.grad = torch.randn(p.numel(), generator=torch.Generator().manual_seed(10 * t + rank), dtype=p.dtype)
+        opt.step()
+    return opt
+
+
+def _as_format_1(path: Path, layout: list[int]) -> None:
+    """Rewrite a rank file as the per-parameter-group format 1 (one entry per group) would hold it."""
+    saved = torch.load(path, weights_only=True)
+    (entry,) = saved.pop("buckets")
+    offsets = [0, layout[0], sum(layout)]
+    saved["groups"] = [
+        {k: v[offsets[i] : offsets[i + 1]] if v.numel() == sum(layout) else v for k, v in entry.items()}
+        for i in range(len(layout))
+    ]
+    saved.update(format=1, layout=layout)
+    torch.save(saved, path)
+
+
+def test_rank_files_of_the_per_group_layout_are_refused(tmp_path):
+    InProcessWorld(2).run(lambda r, tr: save_rank_state(_two_groups(r, tr), str(tmp_path)))
+    for rank in range(2):
+        _as_format_1(Path(rank_state_path(str(tmp_path), rank, 2)), [10, 6])
+    msg = "holds one flat buffer per parameter group (format 1, groups of sizes [10, 6]); CDAdam now keeps one per "
+    with pytest.raises(CheckpointMismatchError, match=re.escape(msg) + r".*sizes \[16\]"):
+        InProcessWorld(2).run(lambda r, tr: load_rank_state(_two_groups(r, tr), str(tmp_path)))
+
+
+def test_rank_files_of_format_1_with_one_group_are_its_one_bucket(tmp_path):
+    _save_all(tmp_path)
+    for rank in range(2):
+        path = Path(rank_state_path(str(tmp_path), rank, 2))
+        saved = torch.load(path, weights_only=True)
+        saved.update(format=1, groups=saved.pop("buckets"))
+        torch.save(saved, path)
+    assert _load_all(tmp_path, CDAdam) == [True, True]
+
+
+def test_state_dict_of_the_per_group_layout_is_refused():
+    def run(rank, tr):
+        opt = _two_groups(rank, tr)
+        sd = opt.state_dict()
+        (entry,) = sd["state"].values()  # the bucket's state, under the first parameter
+        sd["state"] = {
+            i: {k: v[sl] if torch.is_tensor(v) and v.numel() == 16 else v for k, v in entry.items()}
+            for i, sl in ((0, slice(0, 10)), (1, slice(10, 16)))
+        }
+        with pytest.raises(CheckpointMismatchError, match=r"param_groups\[0\]\['params'\]\[0\] holds flat buffers of 10 "
+                           r"coordinates in the per-parameter-group layout .* sizes \[16\]"):
+            _two_groups(rank, tr, steps=0).load_state_dict(sd)
+        return True
+
+    assert InProcessWorld(2).run(run) == [True, True]

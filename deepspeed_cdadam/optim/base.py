@@ -1,14 +1,21 @@
-"""Machinery shared by the compressed optimizers: flat buffers, lazy exchanges.
+"""Machinery shared by the compressed optimizers: communication buckets, flat buffers, lazy exchanges.
 
-Each parameter group is one flat buffer: the gradients of its parameters (those with
-``requires_grad``; a missing ``.grad`` counts as zeros so every rank sends the same layout) are
-concatenated in order, exchanged with one pair of collectives, and the update is applied back to
-each parameter's slice. The group's state (moments and compression state, all flat) lives in
-``self.state[group["params"][0]]``. Every buffer is declared (``state.StateSpec``: the optimizer's
-``STATE``, its exchanges' ``Exchange.STATE``), so checkpoints, resets, the consistency check and
-``state_dict`` treat per-rank and rank-identical state alike for every scheme.
+Communication is independent of the parameter groups, which carry hyperparameters only. A
+*bucket* (``Bucket``) holds every trainable parameter of every group that shares its dtype and
+device (``bucket_key``), in group order then parameter order; each group is one contiguous
+*segment* (``Segment``) of it. The gradients of a bucket's parameters (a missing ``.grad`` counts
+as zeros so every rank sends the same layout) are concatenated, exchanged with one pair of
+collectives, and the update is applied segment by segment with that segment's group's
+hyperparameters (lr, betas, eps, weight_decay, ...). A model with decay / no-decay groups thus
+costs one ``all_to_all`` + one ``all_gather`` per step, plus the control message, not a pair per group.
 
-Low-precision parameters (fp16, bf16) get fp32 master weights: the group state holds a flat fp32
+The bucket's state (moments and compression state, all flat over the bucket) lives in
+``self.state[bucket.params[0]]``, so ``state_dict`` stays a torch optimizer state_dict. Every
+buffer is declared (``state.StateSpec``: the optimizer's ``STATE``, its exchanges'
+``Exchange.STATE``), so checkpoints, resets, the consistency check and ``state_dict`` treat
+per-rank and rank-identical state alike for every scheme.
+
+Low-precision parameters (fp16, bf16) get fp32 master weights: the bucket state holds a flat fp32
 copy (``types.MASTER_PARAMS``), the update is applied to it, and the parameters receive it rounded
 to their dtype. Without it an update smaller than half a bf16 ulp (lr 1e-4 on a weight near 1.0)
 would be rounded away at every step. fp32/fp64 parameters are updated in place and have no copy.
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -57,8 +65,45 @@ def without_rank_state(state_dict: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class Segment:
+    """One parameter group's part of a bucket: coordinates ``[start, stop)`` of the bucket's flat buffers."""
+
+    group_index: int
+    group: dict[str, Any]
+    start: int
+    stop: int = -1
+    params: list[torch.Tensor] = field(default_factory=list)
+    #: where each of ``params`` starts in its group's own flat vector (the group's trainable
+    #: parameters in order: what a per-group key such as ``exp_avg_mask`` is indexed by)
+    group_offsets: list[int] = field(default_factory=list)
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.start, self.stop)
+
+
+@dataclass
+class Bucket:
+    """The unit of communication: every trainable parameter with one ``bucket_key`` (dtype, device),
+    across parameter groups; one flat buffer, one ``Exchange``, one pair of collectives per step."""
+
+    index: int
+    key: tuple
+    params: list[torch.Tensor] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
+    numel: int = 0
+
+    def name(self) -> str:
+        """``param_groups[i, j]``: the groups with parameters in this bucket (for messages)."""
+        return f"param_groups[{', '.join(str(s.group_index) for s in self.segments)}]"
+
+    def describe(self) -> str:
+        return f"bucket {self.index} ({', '.join(str(k) for k in self.key)}; {self.name()})"
+
+
 class CompressedOptimizer(torch.optim.Optimizer):
-    """Base class: one flat buffer and one ``Exchange`` per parameter group.
+    """Base class: one flat buffer and one ``Exchange`` per communication bucket (``Bucket``).
 
     Pickling keeps only what ``torch.optim.Optimizer`` pickles (defaults, state, param groups):
     the transport and its process group never travel.
@@ -102,7 +147,8 @@ class CompressedOptimizer(torch.optim.Optimizer):
         # id(param) -> name, for error messages (the DeepSpeed integration fills it from the model)
         self.param_names: dict[int, str] = {}
         self.comm_stats = CommStats()
-        self._trainable_ids: dict[int, tuple[int, ...]] = {}  # group index -> trainable params at the first step
+        # the buckets' keys and parameters at the first step (the flat buffers' layout, fixed from then on)
+        self._bucket_layout: list[tuple[tuple, tuple[int, ...]]] | None = None
         # Set by a framework whose engine averages the gradients on EXACT steps (see engine_allreduces)
         self.engine_averages_exact_steps = False
         # Called with the optimizer after every step and after a load (the DeepSpeed integration
@@ -111,17 +157,17 @@ class CompressedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             self._check_group(group)
 
-    #: A flat buffer every initialised group state holds (how a checkpoint's state is recognised).
+    #: A flat buffer every initialised bucket state holds (how a checkpoint's state is recognised).
     FLAT_STATE_KEY = EXP_AVG
     #: The optimizer's own flat buffers (moments); its exchanges declare theirs (``Exchange.STATE``).
     STATE: tuple[StateSpec, ...] = ADAM_MOMENTS
 
     def exchange_names(self) -> tuple[str, ...]:
-        """The exchange schemes this optimizer may run (their state lives in the group state)."""
+        """The exchange schemes this optimizer may run (their state lives in the bucket state)."""
         return (self.exchange_name,)
 
     def state_specs(self) -> tuple[StateSpec, ...]:
-        """Every flat buffer a group state can hold: the optimizer's, the master copy, the exchanges'."""
+        """Every flat buffer a bucket state can hold: the optimizer's, the master copy, the exchanges'."""
         specs = (*self.STATE, MASTER_SPEC)
         for name in self.exchange_names():
             specs += EXCHANGES[name].STATE
@@ -138,7 +184,9 @@ class CompressedOptimizer(torch.optim.Optimizer):
         return self._transport
 
     def _exchange_for(self, index: int, numel: int, name: str | None = None) -> Exchange:
-        """The exchange of group ``index`` (scheme ``name``, default the optimizer's), built once."""
+        """The exchange of bucket ``index`` (scheme ``name``, default the optimizer's), built once.
+
+        Its ``ShardLayout`` spans the whole bucket: one n-way shard split for all its groups."""
         key = (index, name or self.exchange_name)
         if key not in self._exchanges:
             layout = ShardLayout(numel, self.transport.world_size, self.block_size)
@@ -147,7 +195,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
             )
         return self._exchanges[key]
 
-    # --- flat buffers ---------------------------------------------------------------------
+    # --- buckets and flat buffers -----------------------------------------------------------
     #: Upstream OnebitAdam param-group keys we do not implement yet: refused rather than ignored.
     UNSUPPORTED_GROUP_KEYS = ("exp_avg_mask", "non_freeze")
 
@@ -158,12 +206,6 @@ class CompressedOptimizer(torch.optim.Optimizer):
                     f"Parameter-group key {key!r} (upstream OnebitAdam) is not supported by {type(self).__name__} yet; "
                     "remove it (it would otherwise be silently ignored)."
                 )
-        dtypes = {p.dtype for p in group["params"] if p.requires_grad}
-        if len(dtypes) > 1:
-            raise ValueError(
-                f"A parameter group mixes dtypes {sorted(str(d) for d in dtypes)}; one flat buffer needs one dtype. "
-                "Put parameters of different dtypes in separate groups."
-            )
         if any(not p.is_floating_point() for p in group["params"] if p.requires_grad):
             raise TypeError("Compressed optimizers need floating-point parameters.")
 
@@ -173,8 +215,43 @@ class CompressedOptimizer(torch.optim.Optimizer):
 
     @classmethod
     def group_numel(cls, group: dict[str, Any]) -> int:
-        """Coordinates of the group's flat buffer."""
+        """Coordinates of the group's trainable parameters (over all buckets it has parameters in)."""
         return sum(p.numel() for p in cls.trainable(group))
+
+    def bucket_key(self, group: dict[str, Any], p: torch.Tensor) -> tuple:
+        """Parameters with equal keys share a bucket: one per (dtype, device)."""
+        return (p.dtype, p.device)
+
+    def buckets(self) -> list[Bucket]:
+        """The communication buckets, in order of first appearance (group order, then parameter order).
+
+        Each group with trainable parameters in a bucket is one contiguous ``Segment`` of it.
+        """
+        by_key: dict[tuple, Bucket] = {}
+        for gi, group in enumerate(self.param_groups):
+            offset = 0  # in the group's own flat vector
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                key = self.bucket_key(group, p)
+                bucket = by_key.get(key)
+                if bucket is None:
+                    bucket = by_key[key] = Bucket(len(by_key), key)
+                if not bucket.segments or bucket.segments[-1].group_index != gi:
+                    bucket.segments.append(Segment(gi, group, bucket.numel))
+                seg = bucket.segments[-1]
+                seg.params.append(p)
+                seg.group_offsets.append(offset)
+                bucket.params.append(p)
+                bucket.numel += p.numel()
+                seg.stop = bucket.numel
+                offset += p.numel()
+        return list(by_key.values())
+
+    @staticmethod
+    def segment_targets(bucket: Bucket, segment: Segment, targets: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The segment's part of ``update_targets``: its parameters, or its slice of the fp32 master."""
+        return segment.params if targets is bucket.params else [targets[0][segment.slice]]
 
     @staticmethod
     def buffer_dtype(params: list[torch.Tensor]) -> torch.dtype:
@@ -193,13 +270,13 @@ class CompressedOptimizer(torch.optim.Optimizer):
                 parts.append(p.grad.reshape(-1).to(dtype))
         return torch.cat(parts)
 
-    def group_state(self, group: dict[str, Any]) -> dict[str, Any]:
-        """The group's flat state, kept under its first parameter (created empty)."""
-        return self.state[group["params"][0]]
+    def bucket_state(self, bucket: Bucket) -> dict[str, Any]:
+        """The bucket's flat state, kept under its first parameter (created empty)."""
+        return self.state[bucket.params[0]]
 
     # --- fp32 master weights for fp16/bf16 parameters ---------------------------------------
     def update_targets(self, params: list[torch.Tensor], state: dict[str, Any]) -> list[torch.Tensor]:
-        """What the update is applied to: ``params`` themselves, or (fp16/bf16) the group's fp32 master copy.
+        """What the update is applied to: ``params`` themselves, or (fp16/bf16) the bucket's fp32 master copy.
 
         The master is created from the parameters on first use (also for a state loaded from a
         checkpoint that has none). A parameter changed outside the optimizer since the last step
@@ -273,11 +350,13 @@ class CompressedOptimizer(torch.optim.Optimizer):
         state_dict = self._drop_foreign_rank_state(state_dict)
         super().load_state_dict({k: v for k, v in state_dict.items() if k != RANK_STATE_TAG})
         self._load_dtypes(state_dict)
+        from ..checkpoint import check_bucket_layout  # noqa: PLC0415 - checkpoint imports nothing of ours
+
+        check_bucket_layout(self)  # a state_dict in the per-group layout of versions before buckets
         per_rank = keys_with_scope(self.state_specs(), PER_RANK)
         if any(
-            self.FLAT_STATE_KEY in self.group_state(g) and not all(k in self.group_state(g) for k in per_rank)
-            for g in self.param_groups
-            if self.trainable(g)
+            self.FLAT_STATE_KEY in self.bucket_state(b) and not all(k in self.bucket_state(b) for k in per_rank)
+            for b in self.buckets()
         ) and per_rank and not self.accept_foreign_rank_state:
             self.reset_compression_state()
 
@@ -295,32 +374,32 @@ class CompressedOptimizer(torch.optim.Optimizer):
     # --- the step template ----------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        """One step for every parameter group: flatten gradients, exchange, update."""
+        """One step: flatten each bucket's gradients, agree on the step (one control message), then
+        per bucket one exchange and the update of each of its groups' segments."""
         if self.ignore_steps:
             return None
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        groups = [(i, g, self.trainable(g)) for i, g in enumerate(self.param_groups)]
-        groups = [(i, g, ps) for i, g, ps in groups if ps]
-        grads = [self.flat_grad(ps) for _, _, ps in groups]
-        for (index, group, params), grad in zip(groups, grads):
-            check_on_transport_device(self.transport, grad, f"The gradient of param_groups[{index}]")
-            self._check_layout_unchanged(index, group, params, grad)
+        buckets = self.buckets()
+        grads = [self.flat_grad(b.params) for b in buckets]
+        for bucket, grad in zip(buckets, grads):
+            check_on_transport_device(self.transport, grad, f"The gradient of {bucket.name()}")
+        self._check_layout_unchanged(buckets, grads)
         planned = self.planned_step()
-        if not self._gradients_usable(groups, grads, planned):
+        if not self._gradients_usable(buckets, grads, planned):
             return loss
-        for (index, group, params), grad in zip(groups, grads):
-            state = self.group_state(group)
+        for bucket, grad in zip(buckets, grads):
+            state = self.bucket_state(bucket)
             if not state:
                 state[STEP] = 0
                 zeros = torch.zeros(grad.numel(), dtype=grad.dtype, device=grad.device)
-                self.init_group_state(index, group, state, zeros)
+                self.init_bucket_state(bucket, state, zeros)
             state[STEP] += 1
-            targets = self.update_targets(params, state)  # params, or their fp32 master copy
-            self.group_step(index, group, targets, state, grad, planned)
-            self.copy_master_to_params(params, state)
+            targets = self.update_targets(bucket.params, state)  # params, or their fp32 master copy
+            self.bucket_step(bucket, targets, state, grad, planned)
+            self.copy_master_to_params(bucket.params, state)
         self.steps_taken += 1
         if self.consistency_check_every and self.steps_taken % self.consistency_check_every == 0:
             self.check_ranks_agree()
@@ -333,8 +412,8 @@ class CompressedOptimizer(torch.optim.Optimizer):
     ENGINE_MAY_AVERAGE_EXACT_STEPS = False
 
     def completed_steps(self) -> int:
-        """Steps applied so far (skipped steps excluded): the ``step`` count of the group states."""
-        return max((self.group_state(g).get(STEP, 0) for g in self.param_groups if self.trainable(g)), default=0)
+        """Steps applied so far (skipped steps excluded): the ``step`` count of the bucket states."""
+        return max((self.bucket_state(b).get(STEP, 0) for b in self.buckets()), default=0)
 
     def planned_step(self) -> StepKind:
         """The kind of the next step (``schedule.StepKind``); agreed by every rank before it runs."""
@@ -354,21 +433,29 @@ class CompressedOptimizer(torch.optim.Optimizer):
             self.on_next_step(self)
 
     # --- safety -------------------------------------------------------------------------
-    def _check_layout_unchanged(self, index: int, group: dict[str, Any], params: list, grad: torch.Tensor) -> None:
+    def _check_layout_unchanged(self, buckets: list[Bucket], grads: list[torch.Tensor]) -> None:
         """Refuse a step after a parameter gained or lost ``requires_grad`` (the flat buffers are fixed)."""
-        ids = tuple(id(p) for p in params)
-        known = self._trainable_ids.setdefault(index, ids)
-        state = self.group_state(group)
-        built = state[self.FLAT_STATE_KEY].numel() if self.FLAT_STATE_KEY in state else grad.numel()
-        if known == ids and built == grad.numel():
+        layout = [(b.key, tuple(id(p) for p in b.params)) for b in buckets]
+        known = self._bucket_layout if self._bucket_layout is not None else layout
+        self._bucket_layout = known
+        built = [
+            self.bucket_state(b)[self.FLAT_STATE_KEY].numel() if self.FLAT_STATE_KEY in self.bucket_state(b) else g.numel()
+            for b, g in zip(buckets, grads)
+        ]
+        if known == layout and built == [g.numel() for g in grads]:
             return
-        names = {id(p): self.param_name(index, pi, p) for pi, p in enumerate(group["params"])}
-        gained = [names[i] for i in ids if i not in known]
-        lost = [names[i] for i in known if i not in ids]
+        names = {
+            id(p): self.param_name(gi, pi, p) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])
+        }
+        now = {i for _, ids in layout for i in ids}
+        before = {i for _, ids in known for i in ids}
+        gained = [names.get(i, "?") for _, ids in layout for i in ids if i not in before]
+        lost = [names.get(i, "?") for _, ids in known for i in ids if i not in now]
         raise ValueError(
-            f"The trainable parameters of param_groups[{index}] changed since its flat buffers were built "
-            f"({built} coordinates, now {grad.numel()}; gained requires_grad: {gained or 'none'}; "
-            f"lost: {lost or 'none'}). Compressed optimizers fix each group's layout at its first step. "
+            "The trainable parameters changed since the flat buffers were built (bucket sizes "
+            f"{built}, now {[g.numel() for g in grads]}; gained requires_grad: {gained or 'none'}; "
+            f"lost: {lost or 'none'}). Compressed optimizers fix the layout of their communication buckets "
+            "(all groups' parameters of one dtype and device) at the first step. "
             "Keep requires_grad fixed and hold parameters still with a param group of lr=0 and weight_decay=0, "
             "or build a new optimizer (and DeepSpeed engine) after changing which parameters train."
         )
@@ -377,7 +464,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
         name = self.param_names.get(id(p))
         return repr(name) if name else f"param_groups[{group_index}]['params'][{param_index}] (shape {tuple(p.shape)})"
 
-    def _gradients_usable(self, groups: list, grads: list[torch.Tensor], planned: StepKind) -> bool:
+    def _gradients_usable(self, buckets: list[Bucket], grads: list[torch.Tensor], planned: StepKind) -> bool:
         """False (on every rank alike) to skip this step; raises (on every rank alike) for policy 'error'
         or when the ranks planned different kinds of step."""
         bad_ranks = agree_on_step(self.transport, grads, planned, self.comm_stats)
@@ -388,9 +475,9 @@ class CompressedOptimizer(torch.optim.Optimizer):
             logger.warning("Non-finite gradient on rank(s) %s: step skipped on every rank.", bad_ranks)
             return False
         where = ""
-        for index, group, params in groups:
-            for pi, p in enumerate(params):
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+        for index, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.requires_grad and p.grad is not None and not bool(torch.isfinite(p.grad).all()):
                     where = f" (on this rank first in {self.param_name(index, pi, p)})"
                     break
             if where:
@@ -405,48 +492,49 @@ class CompressedOptimizer(torch.optim.Optimizer):
         """Raise on every rank if parameters or rank-identical state differ between ranks."""
         named: list[tuple[str, torch.Tensor]] = []
         for gi, group in enumerate(self.param_groups):
-            params = self.trainable(group)
-            named += [(self.param_name(gi, pi, p), p) for pi, p in enumerate(params)]
-            state = self.group_state(group) if params else {}
+            named += [(self.param_name(gi, pi, p), p) for pi, p in enumerate(group["params"]) if p.requires_grad]
+        for bucket in self.buckets():
+            state = self.bucket_state(bucket)
             named += [
-                (f"optimizer state {key!r} of param_groups[{gi}]", state[key])
+                (f"optimizer state {key!r} of {bucket.describe()}", state[key])
                 for key in keys_with_scope(self.state_specs(), RANK_IDENTICAL)
                 if key in state
             ]
         check_ranks_agree(self.transport, named, self.completed_steps(), self.comm_stats)
 
     def reset_compression_state(self) -> None:
-        """Restart every group's compression state (Markov states, error buffers) from zero, on this rank.
+        """Restart every bucket's compression state (Markov states, error buffers) from zero, on this rank.
 
         Moments and step counts are kept. Call it on every rank alike (e.g. after resuming on
         another world size); the next step then starts the compression sequences afresh.
         """
-        for index, group in enumerate(self.param_groups):
-            state = self.group_state(group)
+        for bucket in self.buckets():
+            state = self.bucket_state(bucket)
             if self.FLAT_STATE_KEY not in state:
                 continue
             zeros = torch.zeros_like(state[self.FLAT_STATE_KEY])
             for key in self.exchange_state_keys():
                 state.pop(key, None)
-            self._exchange_for(index, zeros.numel()).init_state(state, zeros)
+            self._exchange_for(bucket.index, zeros.numel()).init_state(state, zeros)
 
     @abstractmethod
-    def init_group_state(self, index: int, group: dict[str, Any], state: dict[str, Any], zeros: torch.Tensor) -> None:
-        """Create the group's flat buffers in ``state`` (``zeros`` has the buffer's size and dtype)."""
+    def init_bucket_state(self, bucket: Bucket, state: dict[str, Any], zeros: torch.Tensor) -> None:
+        """Create the bucket's flat buffers in ``state`` (``zeros`` has the buffer's size and dtype)."""
 
     @abstractmethod
-    def group_step(
+    def bucket_step(
         self,
-        index: int,
-        group: dict[str, Any],
+        bucket: Bucket,
         params: list[torch.Tensor],
         state: dict[str, Any],
         grad: torch.Tensor,
         kind: StepKind,
     ) -> None:
-        """Exchange ``grad`` (this rank's flat gradient) and update ``params``; ``state[STEP]`` is already t;
-        ``kind`` is the step every rank agreed to run.
+        """Exchange ``grad`` (this rank's flat gradient of the bucket) once, then update each segment
+        with its group's hyperparameters; ``state[STEP]`` is already t; ``kind`` is the step every
+        rank agreed to run.
 
-        ``params`` are the tensors to update in place: the group's parameters, or for fp16/bf16
-        parameters a one-element list holding their flat fp32 master copy.
+        ``params`` are the tensors to update in place: the bucket's parameters, or for fp16/bf16
+        parameters a one-element list holding their flat fp32 master copy (``segment_targets``
+        gives a segment's part of either).
         """

@@ -11,7 +11,7 @@ from ..compressors.base import Compressor
 from ..config import CDAdamConfig
 from ..types import EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP
 from ..schedule import StepKind
-from .base import ADAM_MOMENTS, AMSGRAD_MAX, CompressedOptimizer
+from .base import ADAM_MOMENTS, AMSGRAD_MAX, Bucket, CompressedOptimizer, Segment
 from .functional import amsgrad_direction, apply_update_
 
 
@@ -83,7 +83,8 @@ class CDAdam(CompressedOptimizer):
     4e-4 with (0.9, 0.999) diverged (``configs/llm_cdadam.json``).
 
     Args:
-        params: parameters or parameter groups (each group is one flat buffer, one dtype).
+        params: parameters or parameter groups (groups carry hyperparameters; all parameters of one
+            dtype and device share one flat buffer and one exchange, whatever their groups).
             fp16/bf16 parameters get an fp32 master copy in the optimizer state (see ``base``).
         lr: step size :math:`\alpha` (see "Which lr" above).
         betas: :math:`(\beta_1, \beta_2)`, default the paper's (0.9, 0.99).
@@ -152,32 +153,40 @@ class CDAdam(CompressedOptimizer):
         )
         self.config = config
 
-    def init_group_state(self, index: int, group: dict[str, Any], state: dict[str, Any], zeros: torch.Tensor) -> None:
+    def init_bucket_state(self, bucket: Bucket, state: dict[str, Any], zeros: torch.Tensor) -> None:
         state[EXP_AVG] = zeros.clone()  # m_t
         state[EXP_AVG_SQ] = zeros.clone()  # v_t
-        if group["amsgrad"]:
-            state[MAX_EXP_AVG_SQ] = zeros.clone()  # \hat v_t
-        self._exchange_for(index, zeros.numel()).init_state(state, zeros)  # Markov states (or error buffers)
+        if any(seg.group["amsgrad"] for seg in bucket.segments):
+            state[MAX_EXP_AVG_SQ] = zeros.clone()  # \hat v_t (read by the segments of amsgrad groups)
+        self._exchange_for(bucket.index, zeros.numel()).init_state(state, zeros)  # Markov states (or error buffers)
 
-    def group_step(
+    def bucket_step(
         self,
-        index: int,
-        group: dict[str, Any],
+        bucket: Bucket,
         params: list[torch.Tensor],
         state: dict[str, Any],
         grad: torch.Tensor,
         kind: StepKind,
     ) -> None:
-        # (1)-(5): compressed exchange; every rank gets the same estimate gtil
-        exchange = self._exchange_for(index, grad.numel())
-        estimate = exchange.exchange(grad, state, step=state[STEP], group=index)
+        # (1)-(5): one compressed exchange for the whole bucket; every rank gets the same estimate gtil
+        exchange = self._exchange_for(bucket.index, grad.numel())
+        estimate = exchange.exchange(grad, state, step=state[STEP], group=bucket.index)
+        for seg in bucket.segments:  # (6)-(9) per group, with its hyperparameters
+            self.segment_update(seg, self.segment_targets(bucket, seg, params), state, estimate)
+
+    def segment_update(
+        self, seg: Segment, params: list[torch.Tensor], state: dict[str, Any], estimate: torch.Tensor
+    ) -> None:
+        """Steps (6)-(9) on the segment ``seg.slice`` of the bucket's buffers, with ``seg.group``'s hyperparameters."""
+        group, sl = seg.group, seg.slice
         beta1, beta2 = group["betas"]
+        max_sq = state.get(MAX_EXP_AVG_SQ) if group["amsgrad"] else None
         # (6)-(8) moments, then the direction m / sqrt(vhat + eps)
         direction = amsgrad_direction(
-            estimate,
-            state[EXP_AVG],
-            state[EXP_AVG_SQ],
-            state.get(MAX_EXP_AVG_SQ),
+            estimate[sl],
+            state[EXP_AVG][sl],
+            state[EXP_AVG_SQ][sl],
+            None if max_sq is None else max_sq[sl],
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],

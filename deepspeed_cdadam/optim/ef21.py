@@ -11,7 +11,7 @@ from ..compressors.base import Compressor
 from ..config import EF21Config
 from ..types import DOWN_MARKOV_STATE, STEP
 from ..schedule import StepKind
-from .base import CompressedOptimizer
+from .base import Bucket, CompressedOptimizer
 from .functional import apply_update_
 
 
@@ -84,19 +84,27 @@ class EF21(CompressedOptimizer):
     FLAT_STATE_KEY = DOWN_MARKOV_STATE  # EF21 keeps no moments
     STATE = ()
 
-    def init_group_state(self, index: int, group: dict[str, Any], state: dict[str, Any], zeros: torch.Tensor) -> None:
-        self._exchange_for(index, zeros.numel()).init_state(state, zeros)
+    def init_bucket_state(self, bucket: Bucket, state: dict[str, Any], zeros: torch.Tensor) -> None:
+        self._exchange_for(bucket.index, zeros.numel()).init_state(state, zeros)
 
-    def group_step(
+    def bucket_step(
         self,
-        index: int,
-        group: dict[str, Any],
+        bucket: Bucket,
         params: list[torch.Tensor],
         state: dict[str, Any],
         grad: torch.Tensor,
         kind: StepKind,
     ) -> None:
-        # (1)-(2): the compressed exchange; every rank gets the same estimate gtil
-        estimate = self._exchange_for(index, grad.numel()).exchange(grad, state, step=state[STEP], group=index)
-        # (3) x <- (1 - lr*wd) x - lr * gtil
-        apply_update_(params, estimate, lr=group["lr"], weight_decay=group["weight_decay"])
+        # (1)-(2): one compressed exchange for the whole bucket; every rank gets the same estimate gtil
+        estimate = self._exchange_for(bucket.index, grad.numel()).exchange(
+            grad, state, step=state[STEP], group=bucket.index
+        )
+        for seg in bucket.segments:
+            # (3) x <- (1 - lr*wd) x - lr * gtil, with the segment's group's lr and weight decay
+            group = seg.group
+            apply_update_(
+                self.segment_targets(bucket, seg, params),
+                estimate[seg.slice],
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+            )

@@ -11,7 +11,7 @@ from ..compressors.base import Compressor
 from ..config import OneBitAdamConfig
 from ..types import EXP_AVG, EXP_AVG_SQ, STEP
 from ..schedule import StepKind
-from .base import CompressedOptimizer
+from .base import Bucket, CompressedOptimizer, Segment
 from .functional import adam_moments_, apply_update_, onebit_adam_direction
 
 
@@ -41,11 +41,16 @@ class OneBitAdam(CompressedOptimizer):
     ``exchange.ErrorFeedbackExchange``.
 
     Param-group keys, as upstream: ``exp_avg_mask`` (a tensor with one entry per coordinate of the
-    group, e.g. zeros for embedding rows that never get a gradient) multiplies ``m`` after each
-    compressed exchange, since 1-bit compression cannot represent exact zeros; ``non_freeze=True``
-    keeps a group uncompressed (exact all-reduce, ``v`` keeps adapting) after the warm-up.
+    group's trainable parameters, e.g. zeros for embedding rows that never get a gradient)
+    multiplies the group's segment of ``m`` after each compressed exchange, since 1-bit compression
+    cannot represent exact zeros; ``non_freeze=True`` keeps a group uncompressed (exact all-reduce,
+    ``v`` keeps adapting) after the warm-up: such groups get their own bucket.
 
-    With ``worker_scale_scope="tensor"`` and one parameter per group whose size is a multiple of
+    All groups of one dtype and device share one bucket (``base.Bucket``): step (3) runs per
+    group segment with its betas, steps (4)-(6) once on the bucket's ``m``, the mask and step (7)
+    per segment again.
+
+    With ``worker_scale_scope="tensor"`` and one parameter per bucket whose size is a multiple of
     ``8 * world_size``, the arithmetic is DeepSpeed 0.19.6's OnebitAdam with its compressed
     all-reduce, operation for operation (tested against it).
     """
@@ -104,10 +109,12 @@ class OneBitAdam(CompressedOptimizer):
                 f"({numel}), got {mask.shape if torch.is_tensor(mask) else type(mask).__name__}."
             )
 
-    @classmethod
-    def _flat_mask(cls, mask: object, like: torch.Tensor) -> torch.Tensor:
-        cls._check_mask(mask, like.numel())  # the group may have been edited since construction
-        return mask.reshape(-1).to(device=like.device, dtype=like.dtype)  # type: ignore[union-attr]
+    def _segment_mask(self, seg: Segment, mask: object, like: torch.Tensor) -> torch.Tensor:
+        """The entries of the group's ``exp_avg_mask`` for the segment's coordinates (in ``like``'s dtype)."""
+        self._check_mask(mask, self.group_numel(seg.group))  # the group may have been edited since construction
+        flat = mask.reshape(-1)  # type: ignore[union-attr]
+        parts = [flat[o : o + p.numel()] for o, p in zip(seg.group_offsets, seg.params)]
+        return torch.cat(parts).to(device=like.device, dtype=like.dtype)
 
     #: During the warm-up a framework's exact gradient average (DeepSpeed's engine all-reduce) may
     #: stand in for the optimizer's own (``engine_averages_exact_steps``), as upstream's OnebitAdam does.
@@ -117,41 +124,60 @@ class OneBitAdam(CompressedOptimizer):
         """``EXACT`` for steps 1..freeze_step (the warm-up), ``COMPRESSED`` after."""
         return StepKind.EXACT if self.completed_steps() + 1 <= self.freeze_step else StepKind.COMPRESSED
 
-    def init_group_state(self, index: int, group: dict[str, Any], state: dict[str, Any], zeros: torch.Tensor) -> None:
+    def bucket_key(self, group: dict[str, Any], p: torch.Tensor) -> tuple:
+        """(dtype, device), and apart the ``non_freeze`` groups: they stay exact after the warm-up."""
+        key = super().bucket_key(group, p)
+        return (*key, "non_freeze") if group.get("non_freeze", False) else key
+
+    def init_bucket_state(self, bucket: Bucket, state: dict[str, Any], zeros: torch.Tensor) -> None:
         state[EXP_AVG] = zeros.clone()  # m_t
         state[EXP_AVG_SQ] = zeros.clone()  # v_t (frozen after warm-up)
-        self._exchange_for(index, zeros.numel()).init_state(state, zeros)  # worker_error, server_error
+        self._exchange_for(bucket.index, zeros.numel()).init_state(state, zeros)  # worker_error, server_error
 
-    def group_step(
+    def bucket_step(
         self,
-        index: int,
-        group: dict[str, Any],
+        bucket: Bucket,
         params: list[torch.Tensor],
         state: dict[str, Any],
         grad: torch.Tensor,
         kind: StepKind,
     ) -> None:
-        beta1, beta2 = group["betas"]
+        """One exchange for the bucket (of the gradient, or in the compressed phase of the momentum);
+        the moments and the update per segment, with its group's betas, eps, lr and weight decay."""
         step = state[STEP]
-        non_freeze = bool(group.get("non_freeze", False))
+        m, v = state[EXP_AVG], state[EXP_AVG_SQ]
+        non_freeze = "non_freeze" in bucket.key  # every group of the bucket has non_freeze=True
         if kind == StepKind.EXACT or non_freeze:
-            # (1) exact average of the gradients; (2) Adam moments
+            # (1) exact average of the gradients (one all-reduce for the bucket)
             if self.engine_averages_exact_steps and kind == StepKind.EXACT:
                 mean_grad = grad
             else:
-                mean_grad = self._exchange_for(index, grad.numel(), "none").exchange(
-                    grad, state, step=step, group=index
+                mean_grad = self._exchange_for(bucket.index, grad.numel(), "none").exchange(
+                    grad, state, step=step, group=bucket.index
                 )
-            adam_moments_(mean_grad, state[EXP_AVG], state[EXP_AVG_SQ], beta1=beta1, beta2=beta2)
+            for seg in bucket.segments:  # (2) Adam moments
+                beta1, beta2 = seg.group["betas"]
+                sl = seg.slice
+                adam_moments_(mean_grad[sl], m[sl], v[sl], beta1=beta1, beta2=beta2)
         else:
-            # (3) local momentum, variance frozen
-            adam_moments_(grad, state[EXP_AVG], None, beta1=beta1, beta2=beta2)
-            # (4)-(6) error-feedback compressed average of the momentum
-            compressed = self._exchange_for(index, grad.numel())
-            state[EXP_AVG].copy_(compressed.exchange(state[EXP_AVG], state, step=step, group=index))
-            mask = group.get("exp_avg_mask")
-            if mask is not None:
-                state[EXP_AVG].mul_(self._flat_mask(mask, state[EXP_AVG]))
-        # (7) x <- x - lr * (m / (sqrt(v) + eps) + wd * x)
-        direction = onebit_adam_direction(state[EXP_AVG], state[EXP_AVG_SQ], eps=group["eps"])
-        apply_update_(params, direction, lr=group["lr"], weight_decay=group["weight_decay"], decoupled=False)
+            for seg in bucket.segments:  # (3) local momentum, variance frozen
+                sl = seg.slice
+                adam_moments_(grad[sl], m[sl], None, beta1=seg.group["betas"][0], beta2=seg.group["betas"][1])
+            # (4)-(6) error-feedback compressed average of the bucket's momentum (one pair of collectives)
+            compressed = self._exchange_for(bucket.index, grad.numel())
+            m.copy_(compressed.exchange(m, state, step=step, group=bucket.index))
+            for seg in bucket.segments:
+                mask = seg.group.get("exp_avg_mask")
+                if mask is not None:
+                    m[seg.slice].mul_(self._segment_mask(seg, mask, m))
+        for seg in bucket.segments:
+            # (7) x <- x - lr * (m / (sqrt(v) + eps) + wd * x)
+            group, sl = seg.group, seg.slice
+            direction = onebit_adam_direction(m[sl], v[sl], eps=group["eps"])
+            apply_update_(
+                self.segment_targets(bucket, seg, params),
+                direction,
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                decoupled=False,
+            )

@@ -15,7 +15,11 @@ GLOO_CASES = ("cdadam", "onebit", "cdadam_randk")
 def _train(rank, world_size, out_dir):
     for case in GLOO_CASES:
         history, stats = run_optimizer(case, rank, TorchDistributedTransport(timeout_s=60), STEPS)
-        torch.save({"history": history, "bytes_sent": stats.bytes_sent}, f"{out_dir}/{case}-{rank}.pt")
+        torch.save(
+            {"history": history, "bytes_sent": stats.bytes_sent, "calls": stats.collective_calls,
+             "setup": stats.bytes_setup, "up": stats.bytes_up, "down": stats.bytes_down},
+            f"{out_dir}/{case}-{rank}.pt",
+        )
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -27,6 +31,20 @@ def test_gloo_matches_simulator(tmp_path, world_size):
             got = torch.load(tmp_path / f"{case}-{rank}.pt")
             assert max_abs_diff(got["history"], expected) <= 1e-12, (case, rank)
             assert got["bytes_sent"] > 0
+    # The harness's two groups (38 + 15 float64 coordinates) are one bucket: per step one all_to_all
+    # + one all_gather of ONE message per peer, not one per group. CD-Adam, block_size=None: a shard
+    # is ceil(53/n) coordinates, its message ceil(shard/8) packed sign bytes + one fp64 scale (8 B),
+    # sent to / gathered from n-1 peers; the control all-reduce of n fp32 flags sends 2(n-1)4n/n B.
+    # n=2: shard 27, message 4+8=12 B: up = down = 12 B/step (per group it was (3+8)+(1+8) = 20 B);
+    # n=4: shard 14, message 2+8=10 B: up = down = 3*10 = 30 B/step (per group 3*((2+8)+(1+8)) = 57 B).
+    message = -(-(-(-53 // world_size)) // 8) + 8
+    for rank in range(world_size):
+        got = torch.load(tmp_path / f"cdadam-{rank}.pt")
+        assert got["up"] == got["down"] == STEPS * (world_size - 1) * message
+        assert got["up"] == STEPS * {2: 12, 4: 30}[world_size]
+        control = STEPS * all_reduce_bytes_sent(4 * world_size, world_size)
+        assert got["bytes_sent"] == got["up"] + got["down"] + control
+        assert got["calls"] == 3 * STEPS + (1 if got["setup"] else 0)  # a2a + all_gather + control per step
 
 
 NUMEL = 1_048_583  # > 1M, not a multiple of 8 * world_size

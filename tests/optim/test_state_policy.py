@@ -42,14 +42,14 @@ def test_every_buffer_in_the_state_is_declared(name):
 
     def run(rank, tr):
         opt, params = _train(cls, kwargs, rank, tr)
-        held = {k for k, v in opt.group_state(opt.param_groups[0]).items() if torch.is_tensor(v)}
+        held = {k for k, v in opt.bucket_state(opt.buckets()[0]).items() if torch.is_tensor(v)}
         declared = {s.key for s in opt.state_specs()}
         assert held <= declared, f"undeclared state: {held - declared}"
         shard = opt._exchange_for(0, sum(p.numel() for p in params)).layout.shard_sizes[rank]
         for spec in opt.state_specs():
             if spec.key in held:
                 want = sum(p.numel() for p in params) if spec.length == FULL else shard
-                assert opt.group_state(opt.param_groups[0])[spec.key].numel() == want, spec.key
+                assert opt.bucket_state(opt.buckets()[0])[spec.key].numel() == want, spec.key
         return held
 
     InProcessWorld(2).run(run)
@@ -71,7 +71,7 @@ def test_state_dict_from_another_rank_is_refused_and_stripped_state_restarts_com
             with pytest.raises(ValueError, match=r"per-rank compression state of rank 0 of 2 .* this is rank 1 of 2"):
                 opt.load_state_dict(rank0_dict)
         opt.load_state_dict(copy.deepcopy(without_rank_state(rank0_dict)))  # each process loads its own copy
-        state = opt.group_state(opt.param_groups[0])
+        state = opt.bucket_state(opt.buckets()[0])
         assert torch.count_nonzero(state[MARKOV_STATE]) == 0  # restarted from zero on every rank
         assert torch.equal(state["exp_avg"], rank0_dict["state"][0]["exp_avg"])  # moments kept
         for p in params:
@@ -89,7 +89,7 @@ def test_own_state_dict_round_trip_keeps_per_rank_state():
         sd = opt.state_dict()
         opt2 = OneBitAdam(params, lr=1e-2, freeze_step=1, transport=tr)
         opt2.load_state_dict(sd)
-        a, b = opt.group_state(opt.param_groups[0]), opt2.group_state(opt2.param_groups[0])
+        a, b = opt.bucket_state(opt.buckets()[0]), opt2.bucket_state(opt2.buckets()[0])
         return all(torch.equal(a[k], b[k]) for k in keys_with_scope(opt.state_specs(), PER_RANK))
 
     assert InProcessWorld(2).run(run) == [True, True]
@@ -126,7 +126,7 @@ def test_a_new_exchange_is_one_class_and_one_registry_line(tmp_path, monkeypatch
 
     def run(rank, tr):
         opt, _ = _train(CDAdam, {"exchange": "counting"}, rank, tr, steps=3)
-        state = opt.group_state(opt.param_groups[0])
+        state = opt.bucket_state(opt.buckets()[0])
         assert state["calls"][0].item() == 3 * (1 + rank)
         save_rank_state(opt, str(tmp_path))
         state["calls"].zero_()

@@ -59,9 +59,10 @@ def test_onebit_freeze_step_validated(freeze_step):
         OneBitAdam([_p()], freeze_step=freeze_step, transport=_tr())
 
 
-def test_mixed_dtypes_in_a_group_rejected():
-    with pytest.raises(ValueError, match="A parameter group mixes dtypes"):
-        CDAdam([_p(torch.float32), _p(torch.float64)], transport=_tr())
+def test_a_group_mixing_dtypes_makes_one_bucket_per_dtype():
+    """Buckets, not groups, need one dtype (tests/optim/test_buckets.py steps such a group)."""
+    opt = CDAdam([_p(torch.float32), _p(torch.float64), _p(torch.float32)], transport=_tr())
+    assert [(b.key[0], len(b.params)) for b in opt.buckets()] == [(torch.float32, 2), (torch.float64, 1)]
 
 
 def test_sparse_gradients_rejected():
