@@ -8,7 +8,9 @@ rate, 2 gloo ranks time one exchange step of a BERT-base-sized fp32 buffer (110M
 Adam's fp32 all-reduce, 1-bit Adam's compressed phase and CD-Adam (blocks of 2048, fused CPU
 kernels; and the paper's one-scale-per-shard layout, eager torch). The namespaces, veths and
 bridge are removed on exit, also on error or Ctrl-C. Without root or ``ip netns`` it says so and
-exits 0. Writes ``benchmarks/results/emulated_cluster.{csv,txt,png}``.
+exits 0. Writes ``benchmarks/results/emulated_cluster.{csv,txt,png}``, and appends the report, with
+the time, to ``emulated_cluster_history.txt`` (run after run: the machine and its load are named,
+as other work on a shared machine changes the timings).
 
 Only addresses inside these namespaces are used (a /24 of 10.213.x.x that exists nowhere else).
 """
@@ -19,7 +21,6 @@ import argparse
 import csv
 import datetime
 import os
-import platform
 import secrets
 import shutil
 import signal
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from exchange_methods import ADAM, CDADAM, METHODS, ONEBIT
+from exchange_methods import ADAM, CDADAM, METHODS, ONEBIT, describe_machine
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 SUBNET = "10.213.77"
@@ -94,7 +95,8 @@ class Cluster:
         procs = []
         for rank, ns in enumerate(self.namespaces):
             env = dict(os.environ, MASTER_ADDR=self.addresses[0], MASTER_PORT=str(port), RANK=str(rank),
-                       WORLD_SIZE=str(self.world), GLOO_SOCKET_IFNAME="eth0")  # fmt: skip
+                       WORLD_SIZE=str(self.world), LOCAL_WORLD_SIZE=str(self.world),  # all on this machine
+                       GLOO_SOCKET_IFNAME="eth0")  # fmt: skip
             cmd = ["ip", "netns", "exec", ns, sys.executable, __file__, "--worker", *worker_args]
             procs.append(subprocess.Popen(cmd, env=env))
         try:
@@ -133,19 +135,24 @@ def worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
-def report(rows: list[dict], numel: int) -> list[str]:
+def report(rows: list[dict], numel: int, machine: str) -> list[str]:
     lines = [
+        f"machine: {machine}",
         (
-            f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-            f"2 gloo ranks in network namespaces, veth + bridge, tc tbf per rank; {numel:,} fp32 parameters"
+            f"2 gloo ranks in network namespaces, veth + bridge, tc tbf per rank; {numel:,} fp32 parameters; "
+            "CPU: rank 0's process time per step (compute and transport threads)"
         ),
-        f"{'rate':>7} {'method':<38} {'s/step':>8} {'MB sent':>9} {'bytes vs fp32':>13} {'speed-up vs fp32':>16}",
+        (
+            f"{'rate':>7} {'method':<38} {'s/step':>8} {'CPU s':>7} {'MB sent':>9} {'bytes vs fp32':>13} "
+            f"{'speed-up vs fp32':>16}"
+        ),
     ]
     for r in rows:
         base = next(b for b in rows if b["rate"] == r["rate"] and b["method"] == ADAM)
         lines.append(
-            f"{r['rate']:>7} {r['method']:<38} {r['seconds']:>8.3f} {r['bytes_sent_per_rank'] / 1e6:>9.1f} "
-            f"{r['bytes_sent_per_rank'] / base['bytes_sent_per_rank']:>13.4f} {base['seconds'] / r['seconds']:>15.1f}x"
+            f"{r['rate']:>7} {r['method']:<38} {r['seconds']:>8.3f} {r.get('cpu_seconds', float('nan')):>7.3f} "
+            f"{r['bytes_sent_per_rank'] / 1e6:>9.1f} {r['bytes_sent_per_rank'] / base['bytes_sent_per_rank']:>13.4f} "
+            f"{base['seconds'] / r['seconds']:>15.1f}x"
         )
     by = {(r["rate"], r["method"]): r for r in rows}
     if ("1gbit", CDADAM) in by:
@@ -207,6 +214,8 @@ def main() -> None:
     # a signal must still run the teardown: turn it into an exception
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: sys.exit("emulated_cluster: stopped by signal; namespaces removed"))
+    machine = describe_machine()  # the load average before this run's own work
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     rows = []
     with Cluster(2) as cluster, tempfile.TemporaryDirectory() as tmp:
         for rate in args.rates:
@@ -215,10 +224,12 @@ def main() -> None:
             print(f"[emulated_cluster] {rate}: timing {METHODS}", flush=True)
             cluster.run_ranks(["--numel", str(args.numel), "--repeats", str(args.repeats), "--out", out], 3600)
             rows += [dict(r, rate=rate) for r in torch.load(out)]
-    lines = report(rows, int(args.numel))
+    lines = report(rows, int(args.numel), machine)
     print("\n".join(lines))
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "emulated_cluster.txt").write_text("\n".join(lines) + "\n")
+    with open(args.results / "emulated_cluster_history.txt", "a") as fh:
+        fh.write(f"== run started {started}\n" + "\n".join(lines) + "\n\n")
     with open(args.results / "emulated_cluster.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["rate", *[k for k in rows[0] if k != "rate"]])
         writer.writeheader()

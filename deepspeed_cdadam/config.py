@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
 from .comm.transport import DEFAULT_TIMEOUT_S
+from .comm.layout import SCALE_BLOCKS as SCALE_BLOCK_CHOICES
 from .compressors.base import Compressor
 from .compressors.registry import COMPRESSOR_NAMES, get_compressor
 from .exchange import EXCHANGES, WORKER_SCALE_SCOPES, check_worker_scale_scope
@@ -251,7 +252,16 @@ CONSISTENCY_CHECK_EVERY = Int(
     note="0: never",
 )
 WORKER_SCALE_SCOPE = Choice(
-    "'block': a worker scale per block; 'tensor': one per worker buffer (upstream OnebitAdam)", WORKER_SCALE_SCOPES
+    "'block': a worker scale per block; 'tensor': one per worker buffer, or with scale_blocks 'tensor' / "
+    "'tensor_padded' one per parameter tensor (upstream OnebitAdam)",
+    WORKER_SCALE_SCOPES,
+)
+SCALE_BLOCKS = Choice(
+    "how scale blocks are cut: 'fixed': blocks of block_size over each server shard of the whole bucket; "
+    "'tensor': along parameter tensors, each tensor split across the servers and each piece one block "
+    "(or cut into blocks of block_size); 'tensor_padded': as 'tensor' with each tensor zero-padded to a "
+    "multiple of world_size * lcm(world_size, 8), padding counted in the scales (upstream OnebitAdam)",
+    SCALE_BLOCK_CHOICES,
 )
 AMSGRAD = Bool("AMSGrad's running max of v (True, the paper) or Adam's v (False)")
 BIAS_CORRECTION = Bool(
@@ -347,6 +357,7 @@ class CommonConfig(_Checked):
     weight_decay: float = option(0.0, WEIGHT_DECAY, param_group=True)
     compressor: str | Compressor = option("scaled_sign", COMPRESSOR)
     block_size: int | None = option(None, BLOCK_SIZE)
+    scale_blocks: str = option("fixed", SCALE_BLOCKS)
     timeout_s: float = option(DEFAULT_TIMEOUT_S, TIMEOUT_S)
     seed: int = option(0, SEED)
     nonfinite_grads: str = option("error", NONFINITE_GRADS)
@@ -425,6 +436,8 @@ class EF21Config(CommonConfig):
     def _check_together(self) -> None:
         super()._check_together()
         self.build_compressor()
+        if self.scale_blocks == "tensor_padded":  # its flat state (an exchange's) would be padded
+            raise ValueError("Invalid scale_blocks='tensor_padded' for EF21. Allowed: fixed, tensor.")
 
 
 def json_keys(config_cls: type[CommonConfig]) -> tuple[str, ...]:

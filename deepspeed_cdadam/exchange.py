@@ -45,7 +45,8 @@ from .comm.accounting import CommStats, all_gather_bytes_sent, all_reduce_bytes_
 from .comm.layout import ShardLayout
 from .comm.transport import Transport
 from .compressors.base import Compressor
-from .compressors.sign import ScaledSign, ScaledSignL1
+from .compressors.sign import ScaledSign, ScaledSignL1, ScaledSignL2
+from .kernels import triton_exchange
 from .state import FULL, PER_RANK, RANK_IDENTICAL, SHARD, StateSpec
 from .types import DOWN_MARKOV_STATE, MARKOV_STATE, SERVER_ERROR, SERVER_MARKOV_STATE, WORKER_ERROR
 
@@ -65,6 +66,36 @@ def check_worker_scale_scope(scope: object, compressor: Compressor | None) -> No
 def tensor_scale(compressor: Compressor, x: torch.Tensor) -> torch.Tensor:
     """The compressor's scale of ``x`` taken as one block."""
     return compressor.block_scales(x, (x.numel(),))  # type: ignore[attr-defined]
+
+
+def worker_scales(compressor: Compressor, x: torch.Tensor, layout) -> list[torch.Tensor]:
+    """``worker_scale_scope="tensor"``: for each shard, the scale(s) its blocks take. One scale of the
+    whole vector (a ``ShardLayout``), or each block its parameter tensor's scale (a ``TensorLayout``:
+    the scale of the padded tensor, computed contiguously as upstream's compressed all-reduce does)."""
+    if not layout.permuted:
+        scale = tensor_scale(compressor, x)
+        return [scale] * layout.world_size
+    xt, offset, per_tensor = x[layout.tensor_order(x.device)], 0, []
+    for size in layout.padded_sizes:
+        per_tensor.append(tensor_scale(compressor, xt[offset : offset + size]).reshape(1))
+        offset += size
+    scales = torch.cat(per_tensor) if per_tensor else x.new_zeros(1)
+    # an empty shard's one empty block (tensor -1) takes any scale: it scales nothing
+    return [
+        scales[torch.tensor([max(k, 0) for k in layout.block_tensors(j)], device=x.device)]
+        for j in range(layout.world_size)
+    ]
+
+
+def block_scales_by_norm(compressor: Compressor, v: torch.Tensor, blocks: tuple[int, ...]) -> torch.Tensor:
+    """Each block's scale with the one-block formula (``torch.linalg.norm(x_B) / sqrt(d_B)`` for
+    sign_l2, upstream's operations), block by block: what a ``TensorLayout`` uses, so that a
+    tensor chunk's scale has the bits of upstream's server scale."""
+    parts, offset = [], 0
+    for b in blocks:
+        parts.append(tensor_scale(compressor, v[offset : offset + b]).reshape(1))
+        offset += b
+    return torch.cat(parts)
 
 
 def shared_seed(base_seed: int, step: int, group: int, direction: int, shard: int, sender: int) -> int:
@@ -157,6 +188,8 @@ class CompressedExchange(Exchange):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(wire bytes, C(v) as the receiver will decode it) for shard ``shard``'s vector ``v``."""
         lay = self.layout
+        if scale is None and lay.permuted and isinstance(self.compressor, ScaledSign):
+            scale = block_scales_by_norm(self.compressor, v, lay.shard_blocks(shard))
         if scale is None:
             c = self.compressor.compress(v, lay.shard_blocks(shard), seed=seed)
         else:
@@ -178,11 +211,12 @@ class CompressedExchange(Exchange):
     def encode_up(self, x: torch.Tensor, *, step: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This worker's messages up, shard after shard (uint8), and ``C(x)`` full length as they decode."""
         lay, n, me = self.layout, self.layout.world_size, self.rank
-        # one scale for the whole vector (upstream OnebitAdam's worker side), or each block its own
-        scale = tensor_scale(self.compressor, x) if self.worker_scale_scope == "tensor" else None
+        # one scale per tensor (upstream OnebitAdam's worker side; see worker_scales), or each block its own
+        scales = worker_scales(self.compressor, x, lay) if self.worker_scale_scope == "tensor" else [None] * n
         wires, local = [], []
         for j in range(n):
-            wire, c = self._encode(x[lay.shard_slice(j)], j, shared_seed(self.seed, step, group, _UP, j, me), scale)
+            seed = shared_seed(self.seed, step, group, _UP, j, me)
+            wire, c = self._encode(x[lay.shard_slice(j)], j, seed, scales[j])
             wires.append(wire)
             local.append(c)
         return torch.cat(wires), torch.cat(local)
@@ -222,29 +256,17 @@ class CompressedExchange(Exchange):
     def server_slice(self) -> slice:
         return self.layout.shard_slice(self.rank)
 
-
-class MarkovExchange(CompressedExchange):
-    """``markov``: CD-Adam's two Markov compression sequences (module docstring, steps (1)-(5))."""
-
     #: Whether every rank can run the fused kernels: agreed once per exchange (``None``: not yet asked).
     _kernel_everywhere: bool | None = None
 
-    def uses_fused_kernel(self, x: torch.Tensor, h: torch.Tensor) -> bool:
-        """Steps (1)-(5) run on the fused CPU kernels (``kernels``) where they compute exactly the eager result.
-
-        The first call that gets past the rank-independent checks (compressor, layout, dtype, device,
-        ``DEEPSPEED_CDADAM_KERNELS``, which must be the same on every rank) makes every rank agree on
-        kernel availability (``_agree_on_kernel``): all ranks or none take the fused path.
-        """
-        return (
-            type(self.compressor) is ScaledSignL1
-            and self.worker_scale_scope == "block"
-            and kernels.markov_applies(self.layout, x)
-            and kernels.mode() != "eager"
-            and self._agree_on_kernel()
-            and x.is_contiguous()
-            and h.is_contiguous()
-        )
+    def _kernel_buffer(self, key: str, nbytes: int) -> torch.Tensor:
+        """A uint8 buffer of ``nbytes`` kept for the fused kernels' messages: zeros once, then refilled by
+        them every step (same bytes written, padding never), so no step allocates (and page-faults) one."""
+        buffers = self.__dict__.setdefault("_kernel_buffers", {})
+        buf = buffers.get(key)
+        if buf is None or buf.numel() != nbytes:
+            buf = buffers[key] = torch.zeros(nbytes, dtype=torch.uint8)
+        return buf
 
     def _agree_on_kernel(self) -> bool:
         """Whether the kernels build on every rank: one all-reduce of a flag per rank, the first time only.
@@ -277,6 +299,28 @@ class MarkovExchange(CompressedExchange):
             self._kernel_everywhere = not failed
         return self._kernel_everywhere
 
+
+class MarkovExchange(CompressedExchange):
+    """``markov``: CD-Adam's two Markov compression sequences (module docstring, steps (1)-(5))."""
+
+    def uses_fused_kernel(self, x: torch.Tensor, h: torch.Tensor) -> bool:
+        """Steps (1)-(5) run on the fused CPU kernels (``kernels``) where they compute exactly the eager result.
+
+        The first call that gets past the rank-independent checks (compressor, layout, dtype, device,
+        ``DEEPSPEED_CDADAM_KERNELS``, which must be the same on every rank) makes every rank agree on
+        kernel availability (``_agree_on_kernel``): all ranks or none take the fused path.
+        """
+        return (
+            self.layout.fixed_blocks  # the kernels cut blocks of block_size from each shard's start
+            and type(self.compressor) is ScaledSignL1
+            and self.worker_scale_scope == "block"
+            and kernels.markov_applies(self.layout, x)
+            and kernels.mode() != "eager"
+            and self._agree_on_kernel()
+            and x.is_contiguous()
+            and h.is_contiguous()
+        )
+
     STATE = (
         StateSpec(MARKOV_STATE, FULL, PER_RANK, "h_i, this worker's Markov state"),
         StateSpec(SERVER_MARKOV_STATE, SHARD, PER_RANK, "ghat on this rank's server shard"),
@@ -285,6 +329,8 @@ class MarkovExchange(CompressedExchange):
 
     def exchange(self, x: torch.Tensor, state: dict, *, step: int, group: int = 0) -> torch.Tensor:
         h, ghat, gtil = state[MARKOV_STATE], state[SERVER_MARKOV_STATE], state[DOWN_MARKOV_STATE]
+        if self.layout.fixed_blocks and triton_exchange.applies(self, x, h, ghat, gtil):  # GPU buffers: the Triton kernels
+            return triton_exchange.run_markov(self, x, h, ghat, gtil)
         if self.uses_fused_kernel(x, h):
             return self._fused_exchange(x, h, ghat, gtil)
         # (1) worker i: c_i = C(g_i - h_i), sent to the servers
@@ -303,23 +349,46 @@ class MarkovExchange(CompressedExchange):
         """Steps (1)-(5) with the fused CPU kernels: the same collectives, the same bits as the eager lines."""
         lay, n, me, width = self.layout, self.layout.world_size, self.rank, self._wire_nbytes(x.dtype)
         # (1) + (2): c_i = C(g_i - h_i) straight into the wire messages; h_i += c_i
-        send = kernels.markov_worker_step(x, h, lay, width)
+        send = kernels.markov_worker_step(x, h, lay, width, out=self._kernel_buffer("up", n * width))
         recv = self.transport.all_to_all(send).view(n, -1)
         self._count(_UP, send.numel(), width)
-        # (3) ghat += mean_i c_i (decoded and averaged in rank order)
-        kernels.decode_mean_add(recv, ghat, lay, me)
-        # (4) ctil = C(ghat - gtil) for this rank's shard, gathered by every worker
-        wire = kernels.markov_encode(ghat, gtil[lay.shard_slice(me)], lay, me, width)
+        # (3) ghat += mean_i c_i (decoded and averaged in rank order); (4) ctil = C(ghat - gtil) for this
+        # rank's shard, gathered by every worker; and (5) for this shard: gtil += ctil, in one pass
+        wire = kernels.markov_server_step(
+            recv, ghat, gtil[lay.shard_slice(me)], lay, me, width, out=self._kernel_buffer("down", width)
+        )
         down = self.transport.all_gather(wire).view(n, -1)
         self._count(_DOWN, wire.numel(), width)
-        # (5) gtil += ctil, shard by shard
-        for j in range(n):
-            kernels.decode_mean_add(down[j : j + 1], gtil[lay.shard_slice(j)], lay, j)
+        # (5) gtil += ctil on every other shard
+        kernels.decode_shards(down, gtil, lay, accumulate=True, skip=me)
         return gtil
 
 
 class ErrorFeedbackExchange(CompressedExchange):
-    """``error_feedback``: 1-bit Adam's compressed all-reduce with worker and server error buffers."""
+    """``error_feedback``: 1-bit Adam's compressed all-reduce with worker and server error buffers.
+
+    On the fused CPU path the result is this exchange's own buffer, overwritten by its next call (as
+    ``MarkovExchange`` returns its state ``gtil``): callers use or copy it before the next step.
+    """
+
+    #: The fused path's result buffer, reused from step to step (a fresh one would be page-faulted every step).
+    _out: torch.Tensor | None = None
+
+    def uses_fused_kernel(self, x: torch.Tensor, e: torch.Tensor) -> bool:
+        """Steps (1)-(3) run on the fused CPU kernels where they compute exactly the eager result:
+        ``scaled_sign`` or ``sign_l2``, either worker scale scope, and a layout whose blocks the kernels
+        scale in index order or whose shards are one block each (``kernels.scale_mode``: then the scale
+        is torch's own norm, taken here and passed in). Ranks agree as in ``MarkovExchange.uses_fused_kernel``.
+        """
+        return (
+            self.layout.fixed_blocks  # the kernels cut blocks of block_size from each shard's start
+            and type(self.compressor) in (ScaledSignL1, ScaledSignL2)
+            and kernels.error_feedback_applies(self.layout, x)
+            and kernels.mode() != "eager"
+            and self._agree_on_kernel()
+            and x.is_contiguous()
+            and e.is_contiguous()
+        )
 
     STATE = (
         StateSpec(WORKER_ERROR, FULL, PER_RANK, "e_i, this worker's error"),
@@ -328,6 +397,10 @@ class ErrorFeedbackExchange(CompressedExchange):
 
     def exchange(self, x: torch.Tensor, state: dict, *, step: int, group: int = 0) -> torch.Tensor:
         e, ebar = state[WORKER_ERROR], state[SERVER_ERROR]
+        if self.layout.fixed_blocks and triton_exchange.applies(self, x, e, ebar):  # GPU buffers: the Triton kernels
+            return triton_exchange.run_error_feedback(self, x, e, ebar)
+        if self.uses_fused_kernel(x, e):
+            return self._fused_exchange(x, e, ebar)
         # (1) worker i: p_i = x_i + e_i; c_i = C(p_i); e_i <- p_i - c_i
         p = x + e
         c_local, mean_c = self.send_up(p, step=step, group=group)
@@ -337,6 +410,47 @@ class ErrorFeedbackExchange(CompressedExchange):
         c_server, ctil = self.send_down(q, step=step, group=group)
         torch.sub(q, c_server, out=ebar)
         return ctil
+
+    def fused_encode_up(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """Worker step (1) on the fused kernels: ``p = x + e``; returns the messages of ``C(p)``, shard after
+        shard (this exchange's buffer, rewritten next step); ``e = p - C(p)`` in place."""
+        lay, n, width = self.layout, self.layout.world_size, self._wire_nbytes(x.dtype)
+        norm = 1 if type(self.compressor) is ScaledSignL1 else 2
+        up = self._kernel_buffer("up", n * width)
+        if self.worker_scale_scope == "tensor" or kernels.scale_mode(lay) == "shard":
+            e.add_(x)  # p, in e: the scale below is torch's norm of p, as on the eager path
+            if self.worker_scale_scope == "tensor":
+                scales = tensor_scale(self.compressor, e)
+            else:  # each shard one block
+                scales = torch.cat([tensor_scale(self.compressor, e[lay.shard_slice(j)]) for j in range(n)])
+            return kernels.error_feedback_worker_step(None, e, lay, width, norm, scales, out=up)
+        # block scales summed in the kernel; p = x + e is stored only for L2 (torch takes the sqrt)
+        return kernels.error_feedback_worker_step(x, e, lay, width, norm, out=up)
+
+    def _fused_exchange(self, x: torch.Tensor, e: torch.Tensor, ebar: torch.Tensor) -> torch.Tensor:
+        """Steps (1)-(3) with the fused CPU kernels: the same collectives, the same bits as the eager lines."""
+        lay, n, me, width = self.layout, self.layout.world_size, self.rank, self._wire_nbytes(x.dtype)
+        norm = 1 if type(self.compressor) is ScaledSignL1 else 2
+        one_block = kernels.scale_mode(lay) == "shard"  # each shard one block: its scale is torch's norm
+        # (1) worker i: p_i = x_i + e_i; c_i = C(p_i); e_i <- p_i - c_i
+        send = self.fused_encode_up(x, e)
+        recv = self.transport.all_to_all(send).view(n, -1)
+        self._count(_UP, send.numel(), width)
+        # (2) server: q = mean_i c_i + ebar (decoded in rank order, into ebar); ctil = C(q); ebar <- q - ctil
+        down = self._kernel_buffer("down", width)
+        if one_block:
+            kernels.decode_mean_add(recv, ebar, lay, me)
+            scale = tensor_scale(self.compressor, ebar)
+            wire = kernels.error_feedback_server_step(None, ebar, lay, me, width, norm, scale, out=down)
+        else:
+            wire = kernels.error_feedback_server_step(recv, ebar, lay, me, width, norm, out=down)
+        gathered = self.transport.all_gather(wire).view(n, -1)
+        self._count(_DOWN, wire.numel(), width)
+        # (3) every worker: ctil, all shards
+        if self._out is None or self._out.dtype != x.dtype or self._out.numel() != x.numel():
+            self._out = torch.empty_like(x)
+        kernels.decode_shards(gathered, self._out, lay, accumulate=False)
+        return self._out
 
 
 class NaiveExchange(CompressedExchange):
@@ -372,7 +486,13 @@ def make_exchange(
     if cls is None:
         raise ValueError(f"Unknown exchange={name!r}. Allowed: {', '.join(EXCHANGE_NAMES)}.")
     if not issubclass(cls, CompressedExchange):
-        return cls(transport, layout, stats)
-    if compressor is None:
+        made = cls(transport, layout, stats)
+    elif compressor is None:
         raise ValueError(f"exchange={name!r} needs a compressor.")
-    return cls(transport, layout, compressor, stats, seed, worker_scale_scope)
+    else:
+        made = cls(transport, layout, compressor, stats, seed, worker_scale_scope)
+    if layout.permuted:  # a TensorLayout: run in layout space (permuted_exchange)
+        from .permuted_exchange import PermutedExchange  # noqa: PLC0415 - it imports this module
+
+        return PermutedExchange(made)
+    return made

@@ -27,7 +27,8 @@ import torch
 from .comm.layout import ShardLayout
 from .compressors.base import Compressor
 from .compressors.registry import get_compressor
-from .exchange import shared_seed, tensor_scale
+from .compressors.sign import ScaledSign
+from .exchange import block_scales_by_norm, shared_seed, worker_scales
 
 _UP, _DOWN = 0, 1
 
@@ -41,19 +42,26 @@ def compress_by_shard(
     group: int,
     direction: int,
     sender: int | None,
-    scale: torch.Tensor | None = None,
+    scales: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``C(x)`` applied to each server shard of ``x`` with that shard's blocks (the sharded layout).
 
+    ``x`` is in layout space (the bucket itself for a ``ShardLayout``; ``TensorLayout.to_layout``).
     ``sender`` is the worker for the up direction; None means the server of each shard (down).
+    ``scales``: the scale(s) of each shard's blocks given (``worker_scale_scope="tensor"``).
+    A ``TensorLayout`` takes each scaled-sign block's scale with the one-block formula.
     """
     parts = []
     for j in range(layout.world_size):
         seed = shared_seed(0, step, group, direction, j, j if sender is None else sender)
+        v, blocks = x[layout.shard_slice(j)], layout.shard_blocks(j)
+        scale = None if scales is None else scales[j]
+        if scale is None and layout.permuted and isinstance(compressor, ScaledSign):
+            scale = block_scales_by_norm(compressor, v, blocks)
         if scale is None:
-            parts.append(compressor(x[layout.shard_slice(j)], layout.shard_blocks(j), seed=seed))
-        else:  # one scale given for every block (worker_scale_scope="tensor")
-            c = compressor.compress(x[layout.shard_slice(j)], layout.shard_blocks(j), seed=seed, scale=scale)
+            parts.append(compressor(v, blocks, seed=seed))
+        else:
+            c = compressor.compress(v, blocks, seed=seed, scale=scale)  # type: ignore[call-arg]
             parts.append(compressor.decompress(c, dtype=x.dtype, seed=seed))
     return torch.cat(parts)
 
@@ -79,16 +87,16 @@ class Reference(ABC):
         self.compressor = get_compressor(compressor) if compressor is not None else None
         self.t = 0
         self.group = 0
-        self.worker_scale_scope = "block"  # or "tensor": one worker scale for the whole vector
+        self.worker_scale_scope = "block"  # or "tensor": one worker scale for the whole vector (or per tensor)
         self.bits_up = 0
         self.bits_down = 0
 
     def C_up(self, v: torch.Tensor, worker: int) -> torch.Tensor:
         assert self.compressor is not None
         self.bits_up += self._bits()
-        scale = tensor_scale(self.compressor, v) if self.worker_scale_scope == "tensor" else None
+        scales = worker_scales(self.compressor, v, self.layout) if self.worker_scale_scope == "tensor" else None
         return compress_by_shard(
-            self.compressor, v, self.layout, step=self.t, group=self.group, direction=_UP, sender=worker, scale=scale
+            self.compressor, v, self.layout, step=self.t, group=self.group, direction=_UP, sender=worker, scales=scales
         )
 
     def C_down(self, v: torch.Tensor) -> torch.Tensor:
@@ -97,6 +105,18 @@ class Reference(ABC):
         return compress_by_shard(
             self.compressor, v, self.layout, step=self.t, group=self.group, direction=_DOWN, sender=None
         )
+
+    def L(self, v: torch.Tensor) -> torch.Tensor:
+        """``v`` (a bucket vector) in layout space, where the compression states live (itself for a ``ShardLayout``)."""
+        return self.layout.to_layout(v) if self.layout.permuted else v
+
+    def U(self, v: torch.Tensor) -> torch.Tensor:
+        """Layout-space ``v`` back as a bucket vector."""
+        return self.layout.from_layout(v) if self.layout.permuted else v
+
+    def layout_zeros(self) -> torch.Tensor:
+        """A zero compression state (layout space: padding included)."""
+        return torch.zeros(self.layout.numel, dtype=self.x.dtype)
 
     def _bits(self) -> int:
         assert self.compressor is not None
@@ -181,7 +201,7 @@ class AdaptiveReference(Reference):
         )
 
     def zeros(self) -> torch.Tensor:
-        return torch.zeros_like(self.x)
+        return self.layout_zeros()
 
 
 class CDAdamReference(AdaptiveReference):
@@ -197,12 +217,12 @@ class CDAdamReference(AdaptiveReference):
         self.t += 1
         c = []
         for i, g in enumerate(worker_grads):
-            c.append(self.C_up(g - self.ghat_i[i], i))  # line 5
+            c.append(self.C_up(self.L(g) - self.ghat_i[i], i))  # line 5
             self.ghat_i[i] = self.ghat_i[i] + c[i]  # line 6
         self.ghat = self.ghat + sum(c) / self.n  # line 8
         ctil = self.C_down(self.ghat - self.gtil)  # line 9 (Markov sequence of ghat)
         self.gtil = self.gtil + ctil  # lines 10, 12
-        self.x = self.update(self.x, self.gtil)  # lines 13-16
+        self.x = self.update(self.x, self.U(self.gtil))  # lines 13-16
         return self.x
 
 
@@ -226,8 +246,8 @@ class OneBitAdamReference(Reference):
         d, dt = self.x.numel(), self.x.dtype
         self.m = torch.zeros(d, dtype=dt)
         self.v = torch.zeros(d, dtype=dt)
-        self.e = [torch.zeros(d, dtype=dt) for _ in range(n_workers)]  # worker errors
-        self.ebar = torch.zeros(d, dtype=dt)  # server error (all shards)
+        self.e = [self.layout_zeros() for _ in range(n_workers)]  # worker errors (layout space)
+        self.ebar = self.layout_zeros()  # server error (all shards)
         self.lr, (self.b1, self.b2), self.eps, self.wd, self.freeze_step = lr, betas, eps, weight_decay, freeze_step
 
     def step(self, worker_grads):
@@ -239,12 +259,13 @@ class OneBitAdamReference(Reference):
         else:
             c = []
             for i, g in enumerate(worker_grads):
-                p = self.b1 * self.m + (1 - self.b1) * g + self.e[i]
+                p = self.L(self.b1 * self.m + (1 - self.b1) * g) + self.e[i]
                 c.append(self.C_up(p, i))
                 self.e[i] = p - c[i]
             q = sum(c) / self.n + self.ebar
-            self.m = self.C_down(q)
-            self.ebar = q - self.m
+            m = self.C_down(q)
+            self.ebar = q - m
+            self.m = self.U(m)
         update = self.m / (self.v.sqrt() + self.eps) + self.wd * self.x
         self.x = self.x - self.lr * update
         return self.x
@@ -255,19 +276,18 @@ class EF21Reference(Reference):
 
     def __init__(self, x0, n_workers, layout=None, *, lr=0.1, compressor: str | Compressor | None = None, ratio=0.1):
         super().__init__(x0, n_workers, layout, compressor or get_compressor("topk", ratio=ratio))
-        d, dt = self.x.numel(), self.x.dtype
-        self.ghat_i = [torch.zeros(d, dtype=dt) for _ in range(n_workers)]
-        self.ghat = torch.zeros(d, dtype=dt)
-        self.gtil = torch.zeros(d, dtype=dt)
+        self.ghat_i = [self.layout_zeros() for _ in range(n_workers)]
+        self.ghat = self.layout_zeros()
+        self.gtil = self.layout_zeros()
         self.lr = lr
 
     def step(self, worker_grads):
         self.t += 1
-        c = [self.C_up(g - self.ghat_i[i], i) for i, g in enumerate(worker_grads)]
+        c = [self.C_up(self.L(g) - self.ghat_i[i], i) for i, g in enumerate(worker_grads)]
         self.ghat_i = [h + ci for h, ci in zip(self.ghat_i, c)]
         self.ghat = self.ghat + sum(c) / self.n
         self.gtil = self.gtil + self.C_down(self.ghat - self.gtil)
-        self.x = self.x - self.lr * self.gtil
+        self.x = self.x - self.lr * self.U(self.gtil)
         return self.x
 
 
@@ -283,13 +303,13 @@ class ErrorFeedbackAMSGradReference(AdaptiveReference):
         self.t += 1
         c = []
         for i, g in enumerate(worker_grads):
-            p = g + self.e[i]
+            p = self.L(g) + self.e[i]
             c.append(self.C_up(p, i))
             self.e[i] = p - c[i]
         q = sum(c) / self.n + self.ebar
         ctil = self.C_down(q)
         self.ebar = q - ctil
-        self.x = self.update(self.x, ctil)
+        self.x = self.update(self.x, self.U(ctil))
         return self.x
 
 
@@ -298,8 +318,8 @@ class NaiveAMSGradReference(AdaptiveReference):
 
     def step(self, worker_grads):
         self.t += 1
-        c = [self.C_up(g, i) for i, g in enumerate(worker_grads)]
-        self.x = self.update(self.x, self.C_down(sum(c) / self.n))
+        c = [self.C_up(self.L(g), i) for i, g in enumerate(worker_grads)]
+        self.x = self.update(self.x, self.U(self.C_down(sum(c) / self.n)))
         return self.x
 
 

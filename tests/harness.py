@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from deepspeed_cdadam import EF21, CDAdam, OneBitAdam, ShardLayout
+from deepspeed_cdadam.comm.layout import make_layout
 from deepspeed_cdadam.compressors import get_compressor
 from deepspeed_cdadam.simulate import (
     AMSGradReference,
@@ -54,6 +55,32 @@ CASES = {
         {"worker_scale_scope": "tensor"},
     ),
     "ef21_topk": (EF21, {"compressor": "topk"}, EF21Reference, {"compressor": "topk"}),
+    # scale blocks along the parameter tensors (comm.layout.TensorLayout): permuted, and padded as upstream
+    "onebit_tensor_padded": (
+        OneBitAdam,
+        {"freeze_step": 5, "worker_scale_scope": "tensor", "scale_blocks": "tensor_padded"},
+        OneBitAdamReference,
+        {"freeze_step": 5, "worker_scale_scope": "tensor", "scale_blocks": "tensor_padded"},
+    ),
+    "cdadam_tensor_blocks": (CDAdam, {"scale_blocks": "tensor"}, CDAdamReference, {"scale_blocks": "tensor"}),
+    "cdadam_tensor_padded_tensor_scale": (
+        CDAdam,
+        {"scale_blocks": "tensor_padded", "worker_scale_scope": "tensor"},
+        CDAdamReference,
+        {"scale_blocks": "tensor_padded", "worker_scale_scope": "tensor"},
+    ),
+    "ef_tensor_padded": (
+        CDAdam,
+        {"exchange": "error_feedback", "scale_blocks": "tensor_padded"},
+        ErrorFeedbackAMSGradReference,
+        {"scale_blocks": "tensor_padded"},
+    ),
+    "ef21_topk_tensor_blocks": (
+        EF21,
+        {"compressor": "topk", "scale_blocks": "tensor"},
+        EF21Reference,
+        {"compressor": "topk", "scale_blocks": "tensor"},
+    ),
     "onebit": (
         OneBitAdam,
         {"freeze_step": 5, "weight_decay": 0.01},
@@ -144,11 +171,14 @@ def run_reference(case: str, world_size: int, steps: int, dtype=torch.float64, b
     _, _, ref_cls, kwargs = CASES[case]
     kwargs = dict(kwargs)
     scope = kwargs.pop("worker_scale_scope", "block")
+    scale_blocks = kwargs.pop("scale_blocks", "fixed")
     x0s = initial_groups(dtype)
     sizes = [x.numel() for x in x0s]
     x0 = torch.cat(x0s)
     hparams = _reference_hparams(case, sizes, dtype)
-    ref = ref_cls(x0, world_size, ShardLayout(x0.numel(), world_size, block_size), **hparams, **_compressor(kwargs))
+    tensor_sizes = tuple(torch.Size(s).numel() for shapes in GROUP_SHAPES for s in shapes)
+    layout = make_layout(tensor_sizes, world_size, block_size, scale_blocks)
+    ref = ref_cls(x0, world_size, layout, **hparams, **_compressor(kwargs))
     ref.group = 0  # the bucket's index
     ref.worker_scale_scope = scope
     history = []

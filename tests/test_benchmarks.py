@@ -28,9 +28,12 @@ def read_csv(path) -> list[dict]:
 def test_kernels_benchmark(tmp_path):
     text = run_benchmark("kernels.py", "--numel", "2e5", "--repeats", "1", "--threads", "1", "--results", str(tmp_path))
     assert "fused kernel == eager path, bit for bit (wire bytes and Markov state): True" in text
+    assert "fused error-feedback step == eager path, bit for bit (wire bytes and worker error): True" in text
+    assert "fused 1-bit Adam worker step = " in text
     rows = read_csv(tmp_path / "kernels.csv")
     assert rows[0]["piece"] == "copy (reference)" and float(rows[0]["times_copy"]) == 1.0
     assert any(r["piece"].startswith("worker step, fused kernel") for r in rows)
+    assert any(r["piece"].startswith("1-bit Adam worker step, fused kernel") for r in rows)
     assert (tmp_path / "kernels.png").stat().st_size > 0
 
 

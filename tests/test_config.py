@@ -79,6 +79,7 @@ def test_json_keys_per_type():
         "weight_decay",
         "compressor",
         "block_size",
+        "scale_blocks",
         "timeout_s",
         "seed",
         "nonfinite_grads",

@@ -86,10 +86,17 @@ class ScaledSign(Compressor):
     def compress(
         self, x: torch.Tensor, block_sizes: Sequence[int], *, seed: int = 0, scale: torch.Tensor | None = None
     ) -> Compressed:
-        """``scale`` (one value) replaces every block's own scale: a scale computed over a larger
-        vector than ``x`` (``worker_scale_scope="tensor"``)."""
+        """``scale`` (one value, or one per block) replaces the blocks' own scales: a scale computed
+        over a larger vector than ``x`` (``worker_scale_scope="tensor"``), or block by block."""
         blocks = check_blocks(x, block_sizes)
-        scales = self.block_scales(x, blocks) if scale is None else scale.reshape(1).expand(len(blocks)).clone()
+        if scale is None:
+            scales = self.block_scales(x, blocks)
+        elif scale.numel() == 1:
+            scales = scale.reshape(1).expand(len(blocks)).clone()
+        elif scale.numel() == len(blocks):
+            scales = scale.reshape(-1).clone()
+        else:
+            raise ValueError(f"scale has {scale.numel()} values for {len(blocks)} blocks: give one, or one per block.")
         return Compressed(pack_signs(x), scales, x.numel(), blocks)
 
     def decompress(self, c: Compressed, *, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:

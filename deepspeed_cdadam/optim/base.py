@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ..comm.accounting import CommStats
-from ..comm.layout import ShardLayout
+from ..comm.layout import ShardLayout, make_layout
 from ..comm.transport import TorchDistributedTransport, Transport, check_on_transport_device
 from ..compressors.base import Compressor
 from ..compressors.registry import get_compressor
@@ -124,12 +124,14 @@ class CompressedOptimizer(torch.optim.Optimizer):
         worker_scale_scope: str = "block",
         nonfinite_grads: str = "error",
         consistency_check_every: int = 0,
+        scale_blocks: str = "fixed",
     ) -> None:
         # The arguments are checked by the subclass's config dataclass (``deepspeed_cdadam.config``).
         super().__init__(params, defaults)
         self.compressor = get_compressor(compressor)
         self.worker_scale_scope = worker_scale_scope
         self.block_size = block_size
+        self.scale_blocks = scale_blocks  # "fixed", "tensor" or "tensor_padded" (comm.layout.make_layout)
         self.exchange_name = exchange
         self.seed = seed
         self._transport = transport
@@ -186,10 +188,18 @@ class CompressedOptimizer(torch.optim.Optimizer):
     def _exchange_for(self, index: int, numel: int, name: str | None = None) -> Exchange:
         """The exchange of bucket ``index`` (scheme ``name``, default the optimizer's), built once.
 
-        Its ``ShardLayout`` spans the whole bucket: one n-way shard split for all its groups."""
+        Its layout spans the whole bucket: one n-way shard split for all its groups; with
+        ``scale_blocks`` "tensor" / "tensor_padded" the blocks follow the bucket's parameter tensors
+        (``comm.layout.TensorLayout``). The exact scheme "none" always takes a plain ``ShardLayout``."""
         key = (index, name or self.exchange_name)
         if key not in self._exchanges:
-            layout = ShardLayout(numel, self.transport.world_size, self.block_size)
+            if self.scale_blocks == "fixed" or key[1] == "none":
+                layout = ShardLayout(numel, self.transport.world_size, self.block_size)
+            else:
+                sizes = tuple(p.numel() for p in self.buckets()[index].params)
+                if sum(sizes) != numel:
+                    raise ValueError(f"Bucket {index} has {sum(sizes)} coordinates, its buffer {numel}.")
+                layout = make_layout(sizes, self.transport.world_size, self.block_size, self.scale_blocks)
             self._exchanges[key] = make_exchange(
                 key[1], self.transport, layout, self.compressor, self.comm_stats, self.seed, self.worker_scale_scope
             )

@@ -97,13 +97,18 @@ class CDAdam(CompressedOptimizer):
         compressor: "scaled_sign" (default), "sign_l2", "topk", "randk", or a ``Compressor``.
         block_size: coordinates per scale (default 256; None: one scale per server shard, the
             paper's setting).
+        scale_blocks: "fixed" (default): blocks of ``block_size`` over each server shard of the
+            bucket (a block may span parameters); "tensor": blocks follow the parameter tensors
+            (each tensor split across the servers, each piece one block or cut by ``block_size``);
+            "tensor_padded": as "tensor", each tensor zero-padded as upstream OnebitAdam pads it.
         exchange: "markov" (CD-Adam), "error_feedback", "naive" or "none" (exact all-reduce):
             the alternatives are the paper's baselines with the same update rule.
         transport: a ``Transport``; default ``TorchDistributedTransport(process_group)``.
         timeout_s: collective timeout of the default transport.
         seed: base of the shared per-step seeds (rand-k).
         worker_scale_scope: "block" (each block of each shard its own scale) or "tensor" (one
-            scale for the worker's whole flat buffer, sent with every shard: upstream OnebitAdam's
+            scale for the worker's whole flat buffer, or per parameter tensor with
+            ``scale_blocks`` "tensor"/"tensor_padded", sent with every shard: upstream OnebitAdam's
             worker side). The server side always scales per block.
         nonfinite_grads: "error" (default): a NaN/inf gradient on any rank raises
             ``FloatingPointError`` on every rank before any state changes; "skip": every rank skips
@@ -127,6 +132,7 @@ class CDAdam(CompressedOptimizer):
         bias_correction: bool = False,
         compressor: str | Compressor = "scaled_sign",
         block_size: int | None = 256,
+        scale_blocks: str = "fixed",
         exchange: str = "markov",
         transport: Transport | None = None,
         process_group: object | None = None,
@@ -143,6 +149,7 @@ class CDAdam(CompressedOptimizer):
             exchange=config.exchange,
             compressor=config.compressor,
             block_size=config.block_size,
+            scale_blocks=config.scale_blocks,
             transport=transport,
             process_group=process_group,
             timeout_s=config.timeout_s,

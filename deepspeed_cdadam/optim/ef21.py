@@ -58,6 +58,7 @@ class EF21(CompressedOptimizer):
         compressor: str | Compressor = "topk",
         ratio: float | None = None,
         block_size: int | None = None,
+        scale_blocks: str = "fixed",
         transport: Transport | None = None,
         process_group: object | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -72,6 +73,7 @@ class EF21(CompressedOptimizer):
             exchange="markov",
             compressor=config.build_compressor(),  # with the ratio (default: the paper's for topk / randk)
             block_size=config.block_size,
+            scale_blocks=config.scale_blocks,
             transport=transport,
             process_group=process_group,
             timeout_s=config.timeout_s,

@@ -50,9 +50,13 @@ class OneBitAdam(CompressedOptimizer):
     group segment with its betas, steps (4)-(6) once on the bucket's ``m``, the mask and step (7)
     per segment again.
 
-    With ``worker_scale_scope="tensor"`` and one parameter per bucket whose size is a multiple of
-    ``8 * world_size``, the arithmetic is DeepSpeed 0.19.6's OnebitAdam with its compressed
-    all-reduce, operation for operation (tested against it).
+    With ``scale_blocks="tensor_padded"``, ``worker_scale_scope="tensor"`` and ``block_size=None``
+    the arithmetic is DeepSpeed 0.19.6's OnebitAdam with its compressed all-reduce, operation for
+    operation, on any number of tensors of any size (tested against it on 2 ranks, fp32 and fp16):
+    each tensor zero-padded to a multiple of ``world_size * lcm(world_size, 8)`` (the padding
+    counted in ``d_B`` and carrying error), one worker scale per padded tensor, one server scale
+    per tensor chunk (``comm.layout.TensorLayout``). With the default ``scale_blocks="fixed"`` the
+    same holds only for one parameter per bucket whose size is such a multiple.
     """
 
     CONFIG = OneBitAdamConfig  # its arguments, their defaults and checks
@@ -72,6 +76,7 @@ class OneBitAdam(CompressedOptimizer):
         *,
         compressor: str | Compressor = "sign_l2",
         block_size: int | None = None,
+        scale_blocks: str = "fixed",
         transport: Transport | None = None,
         process_group: object | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -87,6 +92,7 @@ class OneBitAdam(CompressedOptimizer):
             exchange="error_feedback",
             compressor=config.compressor,
             block_size=config.block_size,
+            scale_blocks=config.scale_blocks,
             transport=transport,
             process_group=process_group,
             timeout_s=config.timeout_s,

@@ -26,7 +26,12 @@ parser.add_argument("--out", required=True)
 parser.add_argument("--steps", type=int, default=8)
 parser.add_argument("--save-at", type=int, default=0)
 parser.add_argument("--inf-at", default="", help="RANK:STEP, feed that rank an inf input at that step (fp16 overflow)")
-parser.add_argument("--model", choices=("mlp", "single"), default="mlp", help="single: one weight tensor, 128 params")
+parser.add_argument(
+    "--model",
+    choices=("mlp", "single", "layers"),
+    default="mlp",
+    help="single: one weight tensor, 128 params; layers: 3 Linear layers, 6 tensors of sizes 520, 40, 960, 24, 120, 5",
+)
 parser.add_argument("--upstream", action="store_true", help="DeepSpeed's own OnebitAdam on a CPU backend")
 parser.add_argument("--mpu", action="store_true", help="pass a model-parallel unit (model parallel size 1)")
 parser.add_argument("--load-from", default="", help="only load this checkpoint (any world size), record, train 2 steps")
@@ -72,6 +77,10 @@ def make_model(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     if args.model == "single":
         return torch.nn.Linear(IN, OUT, bias=False)
+    if args.model == "layers":
+        return torch.nn.Sequential(
+            torch.nn.Linear(IN, 40), torch.nn.Tanh(), torch.nn.Linear(40, 24), torch.nn.Tanh(), torch.nn.Linear(24, OUT)
+        )
     return torch.nn.Sequential(torch.nn.Linear(IN, 17), torch.nn.Tanh(), torch.nn.Linear(17, OUT))
 
 

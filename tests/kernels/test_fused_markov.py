@@ -130,3 +130,49 @@ def test_unbuildable_kernel_falls_back_with_one_warning(monkeypatch, tmp_path, c
             kernels.available()
     finally:
         kernels._library.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "numel,world,block,dtype", [(100_003, 3, 16, torch.float64), (8 * 2048 * 3 + 5, 2, 2048, torch.float32)]
+)
+def test_server_step_equals_decode_encode_decode(numel, world, block, dtype):
+    """The fused server step equals its three eager-equivalent pieces: ghat += mean_i c_i (decode_mean_add),
+    the message of C(ghat - gtil) (markov_encode), and gtil += that message decoded (this shard's step 5)."""
+    layout = ShardLayout(numel, world, block)
+    comp = ScaledSignL1()
+    width = comp.wire_nbytes(layout.capacity, layout.max_blocks, dtype)
+    gen = torch.Generator().manual_seed(7)
+    g, h = torch.randn(numel, generator=gen, dtype=dtype), torch.randn(numel, generator=gen, dtype=dtype)
+    messages = kernels.markov_worker_step(g, h.clone(), layout, width).view(world, -1)
+    for me in range(world):
+        size = layout.shard_sizes[me]
+        ghat = torch.randn(size, generator=gen, dtype=dtype)
+        gtil = torch.randn(size, generator=gen, dtype=dtype)
+        want_ghat, want_gtil = ghat.clone(), gtil.clone()
+        kernels.decode_mean_add(messages, want_ghat, layout, me)
+        want_wire = kernels.markov_encode(want_ghat, want_gtil, layout, me, width)
+        kernels.decode_mean_add(want_wire.view(1, -1), want_gtil, layout, me)
+        got_wire = kernels.markov_server_step(messages, ghat, gtil, layout, me, width)
+        assert torch.equal(got_wire, want_wire)
+        assert torch.equal(ghat, want_ghat) and torch.equal(gtil, want_gtil)
+
+
+@pytest.mark.parametrize("skip", [None, 0, 2])
+def test_decode_shards_equals_decoding_shard_by_shard(skip):
+    layout = ShardLayout(50_001, 3, 24)
+    width = ScaledSignL1().wire_nbytes(layout.capacity, layout.max_blocks, torch.float32)
+    gen = torch.Generator().manual_seed(11)
+    g, h = torch.randn(50_001, generator=gen), torch.randn(50_001, generator=gen)
+    messages = kernels.markov_worker_step(g, h.clone(), layout, width).view(3, -1)
+    want = h.clone()
+    for j in range(3):
+        if j != skip:
+            kernels.decode_mean_add(messages[j : j + 1], want[layout.shard_slice(j)], layout, j)
+    got = h.clone()
+    kernels.decode_shards(messages, got, layout, accumulate=True, skip=skip)
+    assert torch.equal(got, want)
+    decoded = torch.full((50_001,), 5.0)
+    kernels.decode_shards(messages, decoded, layout, accumulate=False)
+    zeros = torch.zeros(50_001)
+    kernels.decode_shards(messages, zeros, layout, accumulate=True)
+    assert torch.equal(decoded, zeros)  # 0 + c = c: the decoded messages themselves

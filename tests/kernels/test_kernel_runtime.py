@@ -16,7 +16,7 @@ from deepspeed_cdadam.comm.accounting import all_reduce_bytes_sent
 from deepspeed_cdadam.comm.layout import ShardLayout
 from deepspeed_cdadam.compressors import ScaledSignL1
 from deepspeed_cdadam.exchange import make_exchange
-from deepspeed_cdadam.types import DOWN_MARKOV_STATE
+from deepspeed_cdadam.types import DOWN_MARKOV_STATE, WORKER_ERROR
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason="the fused kernel does not build here (no g++)")
 
@@ -40,13 +40,14 @@ def _fail_on_ranks(monkeypatch, bad_ranks):
     return local, calls
 
 
-def test_fused_mode_raises_on_every_rank_naming_the_failed_one(monkeypatch):
+@pytest.mark.parametrize("scheme", ["markov", "error_feedback"])
+def test_fused_mode_raises_on_every_rank_naming_the_failed_one(monkeypatch, scheme):
     monkeypatch.setenv("DEEPSPEED_CDADAM_KERNELS", "fused")
     local, _ = _fail_on_ranks(monkeypatch, {1})
 
     def rank_fn(rank, transport):
         local.rank = rank
-        ex = make_exchange("markov", transport, ShardLayout(NUMEL, 2, BLOCK), ScaledSignL1())
+        ex = make_exchange(scheme, transport, ShardLayout(NUMEL, 2, BLOCK), ScaledSignL1())
         x = torch.zeros(NUMEL)
         try:
             return ex.uses_fused_kernel(x, x)
@@ -60,24 +61,25 @@ def test_fused_mode_raises_on_every_rank_naming_the_failed_one(monkeypatch):
     assert "fake build failure on rank 1" in got[1]
 
 
-def _run_steps(rank, transport, local, steps=3, world=2):
+def _run_steps(rank, transport, local, steps=3, world=2, scheme="markov"):
     local.rank = rank
     layout = ShardLayout(NUMEL, world, BLOCK)
-    ex = make_exchange("markov", transport, layout, ScaledSignL1())
+    ex = make_exchange(scheme, transport, layout, ScaledSignL1())
     state: dict = {}
     ex.init_state(state, torch.zeros(NUMEL))
     fused = []
     for t in range(steps):
         x = torch.randn(NUMEL, generator=torch.Generator().manual_seed(10 * t + rank))
-        fused.append(ex.uses_fused_kernel(x, state[DOWN_MARKOV_STATE]))
-        out = ex.exchange(x, state, step=t + 1)
-    return out.clone(), fused, ex.stats
+        fused.append(ex.uses_fused_kernel(x, state[DOWN_MARKOV_STATE if scheme == "markov" else WORKER_ERROR]))
+        out = ex.exchange(x, state, step=t + 1).clone()
+    return out, fused, ex.stats
 
 
-def test_auto_mode_falls_back_on_every_rank_when_one_cannot_build(monkeypatch):
+@pytest.mark.parametrize("scheme", ["markov", "error_feedback"])
+def test_auto_mode_falls_back_on_every_rank_when_one_cannot_build(monkeypatch, scheme):
     monkeypatch.setenv("DEEPSPEED_CDADAM_KERNELS", "auto")
     local, calls = _fail_on_ranks(monkeypatch, {1})
-    got = InProcessWorld(2, timeout_s=10).run(lambda r, tr: _run_steps(r, tr, local))
+    got = InProcessWorld(2, timeout_s=10).run(lambda r, tr: _run_steps(r, tr, local, scheme=scheme))
     assert all(fused == [False, False, False] for _, fused, _ in got)
     assert torch.equal(got[0][0], got[1][0])
     assert calls == {0: 1, 1: 1}  # agreed once per exchange, not per step
@@ -87,17 +89,18 @@ def test_auto_mode_falls_back_on_every_rank_when_one_cannot_build(monkeypatch):
 
 
 @needs_kernel
-def test_agreement_is_one_counted_all_reduce_per_exchange(monkeypatch):
+@pytest.mark.parametrize("scheme", ["markov", "error_feedback"])
+def test_agreement_is_one_counted_all_reduce_per_exchange(monkeypatch, scheme):
     monkeypatch.setenv("DEEPSPEED_CDADAM_KERNELS", "fused")
     local = threading.local()
-    fused_run = InProcessWorld(3, timeout_s=10).run(lambda r, tr: _run_steps(r, tr, local, world=3))
+    fused_run = InProcessWorld(3, timeout_s=10).run(lambda r, tr: _run_steps(r, tr, local, world=3, scheme=scheme))
     for _, fused, stats in fused_run:
         assert fused == [True, True, True]
         assert stats.collective_calls == 1 + 3 * 2
         assert stats.bytes_setup == all_reduce_bytes_sent(4 * 3, 3) and stats.bytes_control == 0
         assert stats.bytes_sent == stats.bytes_up + stats.bytes_down + stats.bytes_control
     monkeypatch.setenv("DEEPSPEED_CDADAM_KERNELS", "eager")  # eager: no agreement message at all
-    eager_run = InProcessWorld(3, timeout_s=10).run(lambda r, tr: _run_steps(r, tr, local, world=3))
+    eager_run = InProcessWorld(3, timeout_s=10).run(lambda r, tr: _run_steps(r, tr, local, world=3, scheme=scheme))
     for (f_out, _, f_stats), (e_out, _, e_stats) in zip(fused_run, eager_run):
         assert torch.equal(f_out, e_out)
         assert e_stats.collective_calls == 3 * 2 and e_stats.bytes_setup == 0
@@ -123,6 +126,19 @@ def test_invalid_arguments_return_error_codes():
         kernels._call("cdadam_markov_worker_step", 0, null, null, 0, null, null, 12, 0, 0, null, 1, 1)
     with pytest.raises(RuntimeError, match="error code 2: .*dtype_code"):
         kernels._call("cdadam_decode_mean_add", 7, null, 1, 0, 0, 8, 0, null, 1)
+    with pytest.raises(RuntimeError, match="error code 1: .*a block that is a positive multiple of 8"):
+        kernels._call("cdadam_markov_server_step", 0, null, 1, 0, 0, 12, 0, 0, null, null, null, 1)
+    ef = "cdadam_error_feedback_step"
+    with pytest.raises(RuntimeError, match="error code 1: .*norm must be 1 or 2"):
+        kernels._call(ef, 0, null, null, null, 0, 0, 1, null, null, 8, 0, 0, null, null, null, 3, 1)
+    with pytest.raises(RuntimeError, match="error code 1: .*norm 2 scales are taken by the caller"):
+        kernels._call(ef, 0, null, null, null, 0, 0, 1, null, null, 8, 0, 0, null, null, null, 2, 1)
+    with pytest.raises(RuntimeError, match="error code 1: .*messages need one shard"):
+        kernels._call(ef, 0, null, null, 1, 1, 0, 2, null, null, 8, 0, 0, null, null, null, 1, 1)
+    with pytest.raises(RuntimeError, match="error code 2: .*dtype_code"):
+        kernels._call(ef, 5, null, null, null, 0, 0, 1, null, null, 8, 0, 0, null, null, null, 1, 1)
+    with pytest.raises(RuntimeError, match="error code 1: .*block must be 0 or a positive multiple of 8"):
+        kernels._call("cdadam_decode_shards", 0, null, 0, 1, null, null, 12, 0, null, 1, -1, 1)
 
 
 @pytest.mark.parametrize(

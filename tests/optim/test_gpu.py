@@ -14,6 +14,6 @@ pytestmark = [
 
 @pytest.mark.parametrize("case", ["cdadam", "onebit", "cdadam_randk", "cdadam_topk"])
 def test_cuda_matches_cpu_simulator(case):
-    out = InProcessWorld(3).run(lambda r, tr: run_optimizer(case, r, tr, 15, device="cuda"))
+    out = InProcessWorld(3, device="cuda").run(lambda r, tr: run_optimizer(case, r, tr, 15, device="cuda"))
     expected = run_reference(case, 3, 15)
     assert max_abs_diff(out[0][0], expected) <= 1e-10

@@ -34,3 +34,15 @@ def test_float32_matches_simulator():
     out = InProcessWorld(2).run(lambda r, tr: run_optimizer("cdadam", r, tr, STEPS, dtype=torch.float32))
     expected = run_reference("cdadam", 2, STEPS, dtype=torch.float32)
     assert max_abs_diff(out[0][0], expected) <= 1e-5
+
+
+@pytest.mark.parametrize("block_size", [None, 2, 5])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_tensor_blocks_with_sub_blocks_match_simulator(block_size, world_size):
+    """scale_blocks="tensor" / "tensor_padded" with each tensor chunk cut into blocks of block_size."""
+    for case in ("cdadam_tensor_blocks", "onebit_tensor_padded"):
+        out = InProcessWorld(world_size).run(lambda r, tr: run_optimizer(case, r, tr, 10, block_size=block_size))
+        expected = run_reference(case, world_size, 10, block_size=block_size)
+        assert max_abs_diff(out[0][0], expected) <= 1e-12, case
+        fixed = run_reference(case.replace("_tensor_blocks", "").replace("_tensor_padded", ""), world_size, 10)
+        assert max_abs_diff(out[0][0], fixed) > 1e-9, case  # the tensor layout really changes the result

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one run (for a lent GPU machine, or any CUDA box):
+#   bash benchmarks/gpu_checks.sh OUT_DIR
+# 1. `pytest -m gpu`: real NCCL (a world of one rank), the Triton kernels on CUDA equal to the eager
+#    path, the optimizers on CUDA equal to the CPU simulator. 2. benchmarks/gpu.py (exchange compute
+#    vs a device copy at 110M and 1B params; a GPT-2-small step per optimizer). Logs and results in OUT_DIR.
+set -o pipefail
+out="${1:-benchmarks/results/gpu}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi -L > "$out/card.txt" 2>&1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" >> "$out/card.txt" 2>&1
+timeout "${GPU_TESTS_TIMEOUT:-240}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/optim/test_nccl.py \
+  tests/optim/test_gpu.py tests/kernels/test_triton_exchange.py 2>&1 | tee "$out/gpu_tests.log"
+tests_rc=$?
+timeout "${GPU_BENCH_TIMEOUT:-300}" python3 benchmarks/gpu.py --results "$out" "${@:2}" 2>&1 | tee "$out/gpu_bench.log"
+bench_rc=$?
+echo "tests rc=$tests_rc bench rc=$bench_rc" | tee -a "$out/card.txt"
+exit $((tests_rc || bench_rc))
