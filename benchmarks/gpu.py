@@ -94,18 +94,36 @@ def exchange_rows(numel: int, device: torch.device, repeats: int) -> list[dict]:
         pieces = [("whole exchange", whole)]
         if scheme != "none":
             pieces.insert(0, ("worker encode", lambda ex=ex: ex.encode_up(x, step=1, group=0)))
+        check = fused_vs_eager(ex, x) if scheme != "none" else ""
         for piece, fn in pieces:
             seconds = median_seconds(fn, device, repeats)
-            rows.append({"part": "exchange", "numel": numel, "method": name, "piece": piece, "seconds": seconds})
+            rows.append(
+                {"part": "exchange", "numel": numel, "method": name, "piece": piece, "seconds": seconds, "check": check}
+            )
         del state, ex
     for r in rows:
         r["times_copy"] = r["seconds"] / copy_s
     return rows
 
 
+def fused_vs_eager(ex, x: torch.Tensor) -> str:
+    """One exchange step from zero state with the kernels the dispatch picks and with eager torch:
+    the largest difference of the results, relative to the largest entry."""
+    outs = {}
+    for mode in ("auto", "eager"):
+        os.environ["DEEPSPEED_CDADAM_KERNELS"] = mode
+        state: dict = {}
+        ex.init_state(state, torch.zeros_like(x))
+        outs[mode] = ex.exchange(x, state, step=1).clone()
+    os.environ["DEEPSPEED_CDADAM_KERNELS"] = "auto"
+    scale = outs["eager"].abs().max().clamp_min(1e-30)
+    finite = bool(torch.isfinite(outs["auto"]).all())
+    return f"max|auto-eager|/max|eager|={float((outs['auto'] - outs['eager']).abs().max() / scale):.2e} finite={finite}"
+
+
 def gpt2_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """Part 2: one GPT-2 training step per optimizer: whole step, optimizer step, peak memory."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config
 
     config = GPT2Config(
         n_positions=args.gpt2_seq,
@@ -125,44 +143,66 @@ def gpt2_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
     }
     rows = []
     for name, build in builders.items():
-        torch.manual_seed(0)
-        model = GPT2LMHeadModel(config).to(device)
-        opt = build(model.parameters())
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        step_s, opt_s = [], []
-        for i in range(args.warmup + args.steps):  # the warm-up also takes OneBitAdam past its freeze_step
-            synchronize(device)
-            t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            synchronize(device)
-            t1 = time.perf_counter()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            synchronize(device)
-            t2 = time.perf_counter()
-            if i >= args.warmup:
-                step_s.append(t2 - t0)
-                opt_s.append(t2 - t1)
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-        rows.append(
-            {
-                "part": "gpt2",
-                "numel": sum(p.numel() for p in model.parameters()),
-                "method": name,
-                "piece": "whole step",
-                "seconds": statistics.median(step_s),
-                "peak_gib": peak,
-            }
-        )
-        rows.append({**rows[-1], "piece": "optimizer step", "seconds": statistics.median(opt_s)})
-        del model, opt
+        try:
+            rows += gpt2_method_rows(args, device, config, ids, name, build)
+        except (FloatingPointError, RuntimeError) as err:  # reported, and the eager path tried instead
+            rows.append({"part": "gpt2", "numel": 0, "method": name, "piece": "error", "seconds": float("nan"),
+                         "check": f"{type(err).__name__}: {str(err)[:200]}"})  # fmt: skip
+            if name.startswith("AdamW"):
+                raise
+            os.environ["DEEPSPEED_CDADAM_KERNELS"] = "eager"
+            try:
+                rows += gpt2_method_rows(args, device, config, ids, f"{name} [eager]", build)
+            except (FloatingPointError, RuntimeError) as err2:
+                rows.append({"part": "gpt2", "numel": 0, "method": f"{name} [eager]", "piece": "error",
+                             "seconds": float("nan"), "check": f"{type(err2).__name__}: {str(err2)[:200]}"})  # fmt: skip
+            os.environ["DEEPSPEED_CDADAM_KERNELS"] = "auto"
     adamw_opt = next(r["seconds"] for r in rows if r["piece"] == "optimizer step" and r["method"].startswith("AdamW"))
     for r in rows:
         r["times_adamw_optimizer"] = r["seconds"] / adamw_opt if r["piece"] == "optimizer step" else ""
+    return rows
+
+
+def gpt2_method_rows(args, device, config, ids, name, build) -> list[dict]:
+    """Whole-step and optimizer-step medians and peak memory of one optimizer on GPT-2."""
+    from transformers import GPT2LMHeadModel
+
+    rows = []
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).to(device)
+    opt = build(model.parameters())
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    step_s, opt_s = [], []
+    for i in range(args.warmup + args.steps):  # the warm-up also takes OneBitAdam past its freeze_step
+        synchronize(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        synchronize(device)
+        t1 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        synchronize(device)
+        t2 = time.perf_counter()
+        if i >= args.warmup:
+            step_s.append(t2 - t0)
+            opt_s.append(t2 - t1)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    rows.append(
+        {
+            "part": "gpt2",
+            "numel": sum(p.numel() for p in model.parameters()),
+            "method": name,
+            "piece": "whole step",
+            "seconds": statistics.median(step_s),
+            "peak_gib": peak,
+        }
+    )
+    rows.append({**rows[-1], "piece": "optimizer step", "seconds": statistics.median(opt_s)})
+    del model, opt
     return rows
 
 
@@ -226,31 +266,40 @@ def main() -> None:
     rows: list[dict] = []
     for numel in (int(s) for s in args.sizes):
         rows += exchange_rows(numel, device, args.repeats)
+        write_results(rows, title, card, args.results)  # what is measured survives a later failure
     if not args.skip_gpt2:
         rows += gpt2_rows(args, device)
+    write_results(rows, title, card, args.results)
+    dist.destroy_process_group()
 
+
+def write_results(rows: list[dict], title: str, card: str, results: Path) -> None:
     lines = [title, upstream_onebit_note(), ""]
     for r in rows:
+        if r["piece"] == "error":
+            lines.append(f"{r['part']:8} {r['method']:38} failed: {r['check']}")
+            continue
         ratio = f"{r['times_copy']:8.1f}x copy" if "times_copy" in r else ""
         if r.get("times_adamw_optimizer") not in ("", None):
             ratio = f"{r['times_adamw_optimizer']:8.1f}x fused AdamW's optimizer step"
         peak = f", peak {r['peak_gib']:.2f} GiB" if "peak_gib" in r and r["peak_gib"] == r["peak_gib"] else ""
+        check = f"  [{r['check']}]" if r.get("check") else ""
         lines.append(
             f"{r['part']:8} {r['numel'] / 1e6:8.1f}M {r['method']:38} {r['piece']:15} "
-            f"{r['seconds'] * 1e3:10.3f} ms {ratio}{peak}"
+            f"{r['seconds'] * 1e3:10.3f} ms {ratio}{peak}{check}"
         )
     text = "\n".join(lines)
     print(text)
 
-    args.results.mkdir(parents=True, exist_ok=True)
-    fields = ["device", "part", "numel", "method", "piece", "seconds", "times_copy", "times_adamw_optimizer", "peak_gib"]
-    with open(args.results / "gpu.csv", "w", newline="") as fh:
+    results.mkdir(parents=True, exist_ok=True)
+    fields = ["device", "part", "numel", "method", "piece", "seconds", "times_copy", "times_adamw_optimizer", "peak_gib",
+              "check"]  # fmt: skip
+    with open(results / "gpu.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fields)
         writer.writeheader()
         writer.writerows({**r, "device": card} for r in rows)
-    (args.results / "gpu.txt").write_text(text + "\n")
-    plot(rows, title, args.results / "gpu.png")
-    dist.destroy_process_group()
+    (results / "gpu.txt").write_text(text + "\n")
+    plot(rows, title, results / "gpu.png")
 
 
 if __name__ == "__main__":
