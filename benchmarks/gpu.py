@@ -93,7 +93,7 @@ def exchange_rows(numel: int, device: torch.device, repeats: int) -> list[dict]:
 
         pieces = [("whole exchange", whole)]
         if scheme != "none":
-            pieces.insert(0, ("worker encode", lambda ex=ex: ex.encode_up(x, step=1, group=0)))
+            pieces.insert(0, ("worker step", worker_step(ex, scheme, x)))
         check = fused_vs_eager(ex, x) if scheme != "none" else ""
         for piece, fn in pieces:
             seconds = median_seconds(fn, device, repeats)
@@ -104,6 +104,20 @@ def exchange_rows(numel: int, device: torch.device, repeats: int) -> list[dict]:
     for r in rows:
         r["times_copy"] = r["seconds"] / copy_s
     return rows
+
+
+def worker_step(ex, scheme: str, x: torch.Tensor) -> Callable[[], object]:
+    """The worker's step as the exchange runs it: the Triton kernel on CUDA where it applies
+    (Markov: d = g - h, scales, signs into the wire, h += C(d); error feedback: p = x + e, C(p), e = p - C(p)),
+    else the eager encode."""
+    from deepspeed_cdadam.kernels import triton_exchange as tk
+
+    buf = torch.zeros_like(x)
+    if x.is_cuda and tk.available() and tk.applies(ex, x, buf):
+        width, scope, norm = ex._wire_nbytes(x.dtype), ex.worker_scale_scope, tk.norm_of(ex.compressor)
+        step = tk.markov_worker_step if scheme == "markov" else tk.ef_worker_step
+        return lambda: step(x, buf, ex.layout, width, norm=norm, scope=scope)
+    return lambda: ex.encode_up(x, step=1, group=0)
 
 
 def fused_vs_eager(ex, x: torch.Tensor) -> str:
@@ -139,7 +153,10 @@ def gpt2_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
     builders = {
         "AdamW (torch, fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=device.type == "cuda"),
         "CDAdam (block 2048)": lambda ps: CDAdam(ps, lr=1e-4, block_size=2048),
-        "OneBitAdam (compressed phase)": lambda ps: OneBitAdam(ps, lr=1e-4, freeze_step=1),
+        # lr=0 for 1-bit Adam: its frozen v is 0 on the embedding rows no warm-up batch touched, and
+        # every coordinate receives a 1-bit momentum, so any lr > 0 diverges on a random GPT-2 (upstream's
+        # exp_avg_mask case); the lr does not change the work timed.
+        "OneBitAdam (compressed phase, lr 0)": lambda ps: OneBitAdam(ps, lr=0.0, freeze_step=1),
     }
     rows = []
     for name, build in builders.items():
