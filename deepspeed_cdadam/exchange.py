@@ -41,12 +41,12 @@ from abc import ABC, abstractmethod
 import torch
 
 from . import kernels
+from .kernels import registry
 from .comm.accounting import CommStats, all_gather_bytes_sent, all_reduce_bytes_sent, all_to_all_bytes_sent
 from .comm.layout import ShardLayout
 from .comm.transport import Transport
 from .compressors.base import Compressor
-from .compressors.sign import ScaledSign, ScaledSignL1, ScaledSignL2
-from .kernels import triton_exchange
+from .compressors.sign import ScaledSign
 from .state import FULL, PER_RANK, RANK_IDENTICAL, SHARD, StateSpec
 from .types import DOWN_MARKOV_STATE, MARKOV_STATE, SERVER_ERROR, SERVER_MARKOV_STATE, WORKER_ERROR
 
@@ -299,27 +299,45 @@ class CompressedExchange(Exchange):
             self._kernel_everywhere = not failed
         return self._kernel_everywhere
 
+    #: This scheme's name in ``EXCHANGES``: with the compressor's name and the buffer's device, the key
+    #: of its fused kernels in ``kernels.registry.KERNELS``.
+    scheme_name: str = ""
+
+    def _kernel(self, x: torch.Tensor, *state: torch.Tensor) -> registry.KernelImpl | None:
+        """The registered kernel that runs this step, or ``None`` (the eager lines).
+
+        The first call that gets past a kernel's rank-independent checks (``applies``: compressor, layout,
+        dtype, device, ``DEEPSPEED_CDADAM_KERNELS``, which must be the same on every rank) makes every
+        rank agree on kernel availability (``_agree_on_kernel``) where the kernel asks for it: all ranks
+        or none take the fused path.
+        """
+        impl = registry.lookup(self.scheme_name, self.compressor.name, registry.device_type(x))
+        if (
+            impl is not None
+            and impl.applies(self, x, *state)
+            and (not impl.agree or self._agree_on_kernel())
+            and impl.ready(self, x, *state)
+        ):
+            return impl
+        return None
+
+    def uses_fused_kernel(self, x: torch.Tensor, *state: torch.Tensor) -> bool:
+        """Whether a registered kernel (``kernels.registry``) runs this step for buffer ``x`` and ``state``."""
+        return self._kernel(x, *state) is not None
+
+    def run_kernel(
+        self, x: torch.Tensor, state: tuple[torch.Tensor, ...], *, step: int, group: int
+    ) -> torch.Tensor | None:
+        """This step on the registered kernel where one applies (its result), else ``None``: the caller
+        runs its eager lines. ``state``: the scheme's buffers, in the order its kernels take them."""
+        impl = self._kernel(x, *state)
+        return None if impl is None else impl.run(self, x, state, step, group)
+
 
 class MarkovExchange(CompressedExchange):
     """``markov``: CD-Adam's two Markov compression sequences (module docstring, steps (1)-(5))."""
 
-    def uses_fused_kernel(self, x: torch.Tensor, h: torch.Tensor) -> bool:
-        """Steps (1)-(5) run on the fused CPU kernels (``kernels``) where they compute exactly the eager result.
-
-        The first call that gets past the rank-independent checks (compressor, layout, dtype, device,
-        ``DEEPSPEED_CDADAM_KERNELS``, which must be the same on every rank) makes every rank agree on
-        kernel availability (``_agree_on_kernel``): all ranks or none take the fused path.
-        """
-        return (
-            self.layout.fixed_blocks  # the kernels cut blocks of block_size from each shard's start
-            and type(self.compressor) is ScaledSignL1
-            and self.worker_scale_scope == "block"
-            and kernels.markov_applies(self.layout, x)
-            and kernels.mode() != "eager"
-            and self._agree_on_kernel()
-            and x.is_contiguous()
-            and h.is_contiguous()
-        )
+    scheme_name = "markov"
 
     STATE = (
         StateSpec(MARKOV_STATE, FULL, PER_RANK, "h_i, this worker's Markov state"),
@@ -329,10 +347,9 @@ class MarkovExchange(CompressedExchange):
 
     def exchange(self, x: torch.Tensor, state: dict, *, step: int, group: int = 0) -> torch.Tensor:
         h, ghat, gtil = state[MARKOV_STATE], state[SERVER_MARKOV_STATE], state[DOWN_MARKOV_STATE]
-        if self.layout.fixed_blocks and triton_exchange.applies(self, x, h, ghat, gtil):  # GPU buffers: the Triton kernels
-            return triton_exchange.run_markov(self, x, h, ghat, gtil)
-        if self.uses_fused_kernel(x, h):
-            return self._fused_exchange(x, h, ghat, gtil)
+        fused = self.run_kernel(x, (h, ghat, gtil), step=step, group=group)  # kernels.registry
+        if fused is not None:
+            return fused
         # (1) worker i: c_i = C(g_i - h_i), sent to the servers
         c_local, mean_c = self.send_up(x - h, step=step, group=group)
         # (2) worker i: h_i <- h_i + c_i
@@ -345,24 +362,6 @@ class MarkovExchange(CompressedExchange):
         gtil += ctil
         return gtil
 
-    def _fused_exchange(self, x: torch.Tensor, h: torch.Tensor, ghat: torch.Tensor, gtil: torch.Tensor) -> torch.Tensor:
-        """Steps (1)-(5) with the fused CPU kernels: the same collectives, the same bits as the eager lines."""
-        lay, n, me, width = self.layout, self.layout.world_size, self.rank, self._wire_nbytes(x.dtype)
-        # (1) + (2): c_i = C(g_i - h_i) straight into the wire messages; h_i += c_i
-        send = kernels.markov_worker_step(x, h, lay, width, out=self._kernel_buffer("up", n * width))
-        recv = self.transport.all_to_all(send).view(n, -1)
-        self._count(_UP, send.numel(), width)
-        # (3) ghat += mean_i c_i (decoded and averaged in rank order); (4) ctil = C(ghat - gtil) for this
-        # rank's shard, gathered by every worker; and (5) for this shard: gtil += ctil, in one pass
-        wire = kernels.markov_server_step(
-            recv, ghat, gtil[lay.shard_slice(me)], lay, me, width, out=self._kernel_buffer("down", width)
-        )
-        down = self.transport.all_gather(wire).view(n, -1)
-        self._count(_DOWN, wire.numel(), width)
-        # (5) gtil += ctil on every other shard
-        kernels.decode_shards(down, gtil, lay, accumulate=True, skip=me)
-        return gtil
-
 
 class ErrorFeedbackExchange(CompressedExchange):
     """``error_feedback``: 1-bit Adam's compressed all-reduce with worker and server error buffers.
@@ -371,24 +370,10 @@ class ErrorFeedbackExchange(CompressedExchange):
     ``MarkovExchange`` returns its state ``gtil``): callers use or copy it before the next step.
     """
 
+    scheme_name = "error_feedback"
+
     #: The fused path's result buffer, reused from step to step (a fresh one would be page-faulted every step).
     _out: torch.Tensor | None = None
-
-    def uses_fused_kernel(self, x: torch.Tensor, e: torch.Tensor) -> bool:
-        """Steps (1)-(3) run on the fused CPU kernels where they compute exactly the eager result:
-        ``scaled_sign`` or ``sign_l2``, either worker scale scope, and a layout whose blocks the kernels
-        scale in index order or whose shards are one block each (``kernels.scale_mode``: then the scale
-        is torch's own norm, taken here and passed in). Ranks agree as in ``MarkovExchange.uses_fused_kernel``.
-        """
-        return (
-            self.layout.fixed_blocks  # the kernels cut blocks of block_size from each shard's start
-            and type(self.compressor) in (ScaledSignL1, ScaledSignL2)
-            and kernels.error_feedback_applies(self.layout, x)
-            and kernels.mode() != "eager"
-            and self._agree_on_kernel()
-            and x.is_contiguous()
-            and e.is_contiguous()
-        )
 
     STATE = (
         StateSpec(WORKER_ERROR, FULL, PER_RANK, "e_i, this worker's error"),
@@ -397,10 +382,9 @@ class ErrorFeedbackExchange(CompressedExchange):
 
     def exchange(self, x: torch.Tensor, state: dict, *, step: int, group: int = 0) -> torch.Tensor:
         e, ebar = state[WORKER_ERROR], state[SERVER_ERROR]
-        if self.layout.fixed_blocks and triton_exchange.applies(self, x, e, ebar):  # GPU buffers: the Triton kernels
-            return triton_exchange.run_error_feedback(self, x, e, ebar)
-        if self.uses_fused_kernel(x, e):
-            return self._fused_exchange(x, e, ebar)
+        fused = self.run_kernel(x, (e, ebar), step=step, group=group)  # kernels.registry
+        if fused is not None:
+            return fused
         # (1) worker i: p_i = x_i + e_i; c_i = C(p_i); e_i <- p_i - c_i
         p = x + e
         c_local, mean_c = self.send_up(p, step=step, group=group)
@@ -411,52 +395,16 @@ class ErrorFeedbackExchange(CompressedExchange):
         torch.sub(q, c_server, out=ebar)
         return ctil
 
-    def fused_encode_up(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """Worker step (1) on the fused kernels: ``p = x + e``; returns the messages of ``C(p)``, shard after
-        shard (this exchange's buffer, rewritten next step); ``e = p - C(p)`` in place."""
-        lay, n, width = self.layout, self.layout.world_size, self._wire_nbytes(x.dtype)
-        norm = 1 if type(self.compressor) is ScaledSignL1 else 2
-        up = self._kernel_buffer("up", n * width)
-        if self.worker_scale_scope == "tensor" or kernels.scale_mode(lay) == "shard":
-            e.add_(x)  # p, in e: the scale below is torch's norm of p, as on the eager path
-            if self.worker_scale_scope == "tensor":
-                scales = tensor_scale(self.compressor, e)
-            else:  # each shard one block
-                scales = torch.cat([tensor_scale(self.compressor, e[lay.shard_slice(j)]) for j in range(n)])
-            return kernels.error_feedback_worker_step(None, e, lay, width, norm, scales, out=up)
-        # block scales summed in the kernel; p = x + e is stored only for L2 (torch takes the sqrt)
-        return kernels.error_feedback_worker_step(x, e, lay, width, norm, out=up)
-
-    def _fused_exchange(self, x: torch.Tensor, e: torch.Tensor, ebar: torch.Tensor) -> torch.Tensor:
-        """Steps (1)-(3) with the fused CPU kernels: the same collectives, the same bits as the eager lines."""
-        lay, n, me, width = self.layout, self.layout.world_size, self.rank, self._wire_nbytes(x.dtype)
-        norm = 1 if type(self.compressor) is ScaledSignL1 else 2
-        one_block = kernels.scale_mode(lay) == "shard"  # each shard one block: its scale is torch's norm
-        # (1) worker i: p_i = x_i + e_i; c_i = C(p_i); e_i <- p_i - c_i
-        send = self.fused_encode_up(x, e)
-        recv = self.transport.all_to_all(send).view(n, -1)
-        self._count(_UP, send.numel(), width)
-        # (2) server: q = mean_i c_i + ebar (decoded in rank order, into ebar); ctil = C(q); ebar <- q - ctil
-        down = self._kernel_buffer("down", width)
-        if one_block:
-            kernels.decode_mean_add(recv, ebar, lay, me)
-            scale = tensor_scale(self.compressor, ebar)
-            wire = kernels.error_feedback_server_step(None, ebar, lay, me, width, norm, scale, out=down)
-        else:
-            wire = kernels.error_feedback_server_step(recv, ebar, lay, me, width, norm, out=down)
-        gathered = self.transport.all_gather(wire).view(n, -1)
-        self._count(_DOWN, wire.numel(), width)
-        # (3) every worker: ctil, all shards
-        if self._out is None or self._out.dtype != x.dtype or self._out.numel() != x.numel():
-            self._out = torch.empty_like(x)
-        kernels.decode_shards(gathered, self._out, lay, accumulate=False)
-        return self._out
-
 
 class NaiveExchange(CompressedExchange):
     """``naive``: ``C(mean_i C(x_i))`` both ways with no memory."""
 
+    scheme_name = "naive"
+
     def exchange(self, x: torch.Tensor, state: dict, *, step: int, group: int = 0) -> torch.Tensor:
+        fused = self.run_kernel(x, (), step=step, group=group)  # kernels.registry (none registered)
+        if fused is not None:
+            return fused
         _, mean_c = self.send_up(x, step=step, group=group)
         _, ctil = self.send_down(mean_c, step=step, group=group)
         return ctil

@@ -169,7 +169,7 @@ def build_failure() -> KernelUnavailableError | None:
     """Why the fused kernels cannot be built or loaded on this rank (remembered), or ``None``; never raises.
 
     Ignores the mode; warns once (in ``auto`` mode) when the failure is first met. Exchanges combine
-    every rank's answer (``MarkovExchange.uses_fused_kernel``) so that all ranks take the same path.
+    every rank's answer (``CompressedExchange._agree_on_kernel``) so that all ranks take the same path.
     """
     global _failure
     if _failure is None:
