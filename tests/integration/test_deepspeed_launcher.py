@@ -249,14 +249,23 @@ def test_bytes_per_step_reach_the_monitor_and_the_progress_lines(tmp_path):
     importlib.util.find_spec("deepspeed.runtime.fp16.onebit") is None,
     reason="upstream OnebitAdam was removed after deepspeed 0.19.6",
 )
-def test_onebitadam_matches_upstream_onebitadam_bit_for_bit(tmp_path):
+@pytest.mark.parametrize(
+    "model, layout",
+    [("single", {}), ("layers", {"scale_blocks": "tensor_padded"})],
+    ids=["one_tensor", "multi_tensor_per_tensor_scales"],
+)
+def test_onebitadam_matches_upstream_onebitadam_bit_for_bit(tmp_path, model, layout):
     """DeepSpeed 0.19.6's own OnebitAdam (its compressed all-reduce code, CPU bit packing swapped in)
     against ours inside the same engine: identical parameters through warm-up and compressed phase.
 
     Lining the two up: upstream's first step() only initialises (a zero-gradient step is given to it
-    first, so its freeze_step is one higher); one weight tensor of 128 = 8 * 8 * 2 coordinates
-    (upstream compresses per tensor and pads to a multiple of 8 * world_size); one worker scale per
-    tensor as upstream (worker_scale_scope="tensor").
+    first, so its freeze_step is one higher); one worker scale per tensor as upstream
+    (worker_scale_scope="tensor"). ``single``: one weight tensor of 128 = 8 * 8 * 2 coordinates, where
+    upstream's per-tensor padding is a no-op. ``layers``: 3 Linear layers, 6 tensors of 520, 40, 960,
+    24, 120 and 5 coordinates (none a multiple of 16, so upstream pads every one): with
+    scale_blocks="tensor_padded" each tensor is padded and chunked across the 2 servers as upstream's
+    compressed all-reduce does, one worker scale per padded tensor, one server scale per chunk.
+    Equal step for step, bit for bit, across the freeze_step boundary (steps 1-3 exact, 4-8 compressed).
     """
     (tmp_path / "up").mkdir()
     (tmp_path / "ours").mkdir()
@@ -264,56 +273,12 @@ def test_onebitadam_matches_upstream_onebitadam_bit_for_bit(tmp_path):
         tmp_path / "up",
         {"type": "OneBitAdam", "params": {"lr": 0.01, "freeze_step": 4, "comm_backend_name": "compressed"}},
         "--model",
-        "single",
+        model,
         "--upstream",
         save=False,
     )
-    ours = launch(
-        tmp_path / "ours",
-        {"type": "OneBitAdam", "params": {"lr": 0.01, "freeze_step": 3, "worker_scale_scope": "tensor"}},
-        "--model",
-        "single",
-        save=False,
-    )
-    assert upstream[0]["optimizer"] == "OnebitAdam" and ours[0]["optimizer"] == "OneBitAdam"
-    for a, b in zip(upstream, ours):
-        assert a["allreduce_calls"] == b["allreduce_calls"] == 3
-        assert torch.equal(a["x0"], b["x0"])
-        for t in range(STEPS):
-            assert torch.equal(a["params"][t], b["params"][t]), f"step {t + 1}"
-        assert not torch.equal(a["params"][-1], a["params"][3])  # the compressed phase moved the weights
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("deepspeed.runtime.fp16.onebit") is None,
-    reason="upstream OnebitAdam was removed after deepspeed 0.19.6",
-)
-def test_onebitadam_per_tensor_scales_match_upstream_on_a_multi_tensor_model(tmp_path):
-    """As the one-tensor test above, on 3 Linear layers (6 tensors of 520, 40, 960, 24, 120 and 5
-    coordinates: none a multiple of 16, so upstream pads every one): with scale_blocks="tensor_padded"
-    each tensor is padded and chunked across the 2 servers as upstream's compressed all-reduce does,
-    one worker scale per padded tensor, one server scale per chunk. Equal step for step, bit for bit,
-    across the freeze_step boundary (steps 1-3 exact, 4-8 compressed)."""
-    (tmp_path / "up").mkdir()
-    (tmp_path / "ours").mkdir()
-    upstream = launch(
-        tmp_path / "up",
-        {"type": "OneBitAdam", "params": {"lr": 0.01, "freeze_step": 4, "comm_backend_name": "compressed"}},
-        "--model",
-        "layers",
-        "--upstream",
-        save=False,
-    )
-    ours = launch(
-        tmp_path / "ours",
-        {
-            "type": "OneBitAdam",
-            "params": {"lr": 0.01, "freeze_step": 3, "worker_scale_scope": "tensor", "scale_blocks": "tensor_padded"},
-        },
-        "--model",
-        "layers",
-        save=False,
-    )
+    ours_params = {"lr": 0.01, "freeze_step": 3, "worker_scale_scope": "tensor", **layout}
+    ours = launch(tmp_path / "ours", {"type": "OneBitAdam", "params": ours_params}, "--model", model, save=False)
     assert upstream[0]["optimizer"] == "OnebitAdam" and ours[0]["optimizer"] == "OneBitAdam"
     for a, b in zip(upstream, ours):
         assert a["allreduce_calls"] == b["allreduce_calls"] == 3
