@@ -174,7 +174,8 @@ class CompressedExchange(Exchange):
         if compressor.max_numel is not None and layout.capacity > compressor.max_numel:
             raise ValueError(
                 f"A server shard of {layout.capacity} coordinates is too long for compressor {compressor.name!r} "
-                f"(at most {compressor.max_numel}): split the parameters into more groups or use more ranks."
+                f"(at most {compressor.max_numel}, its indices travel as int32): use more ranks, or a sign "
+                "compressor (scaled_sign, sign_l2), whose shards have no such limit."
             )
         self.compressor = compressor
         self.seed = seed
