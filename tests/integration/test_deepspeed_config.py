@@ -50,8 +50,9 @@ def _init(optimizer: dict, **extra):
             ValueError,
             (
                 "Unknown key optimizer.params.betaz for optimizer type 'cdadam'. Allowed: lr, weight_decay, compressor, "
-                "block_size, timeout_s, seed, nonfinite_grads, consistency_check_every, betas, eps, worker_scale_scope, "
-                "amsgrad, bias_correction, exchange, comm_backend_name, cuda_aware. Did you mean 'betas'?"
+                "block_size, scale_blocks, timeout_s, seed, nonfinite_grads, consistency_check_every, betas, eps, "
+                "worker_scale_scope, amsgrad, bias_correction, exchange, comm_backend_name, cuda_aware. "
+                "Did you mean 'betas'?"
             ),
         ),
         (
