@@ -96,6 +96,7 @@ def save_rank_state(optimizer: Any, directory: str) -> str:
         "world_size": tr.world_size,
         "rank": tr.rank,
         "layout": bucket_layout(optimizer),
+        "compression_layout": optimizer.compression_layout(),
         # counters, so a resumed run keeps counting bytes and skipped steps where it stopped
         "comm_stats": dataclasses.asdict(optimizer.comm_stats),
         "skipped_steps": optimizer.skipped_steps,
@@ -134,6 +135,16 @@ def _read(optimizer: Any, path: str) -> tuple[int, str, dict | None]:
                 None,
             )
         saved = {**saved, "layout": [n for n, _ in groups], "buckets": [entry for _, entry in groups]}
+    saved_layout = saved.get("compression_layout", {"scale_blocks": "fixed", "exchanges": saved.get("exchanges")})
+    if saved_layout.get("exchanges") is None:  # files before this key: only the fixed layout existed
+        saved_layout = {**saved_layout, "exchanges": optimizer.compression_layout()["exchanges"]}
+    if saved_layout != optimizer.compression_layout():
+        return (
+            _BAD,
+            f"{path} was written with {saved_layout}, this optimizer runs {optimizer.compression_layout()}: "
+            "its compression state is laid out differently; resume with the saved settings",
+            None,
+        )
     if saved["layout"] != bucket_layout(optimizer):
         return (
             _BAD,
@@ -211,6 +222,7 @@ def load_rank_state(optimizer: Any, directory: str, restore: bool = True) -> boo
         state = optimizer.bucket_state(bucket)
         for key, value in per_rank.items():
             state[key] = value.to(device=state[optimizer.FLAT_STATE_KEY].device)
+    optimizer._rank_state_pending = False  # every rank's own per-rank state is back
     if "comm_stats" in saved:
         for name, value in saved["comm_stats"].items():  # in place: the exchanges hold this object
             setattr(optimizer.comm_stats, name, value)

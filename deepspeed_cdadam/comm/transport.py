@@ -219,12 +219,19 @@ class TorchDistributedTransport(Transport):
         return self.start_reduce_scatter_sum(send).wait()
 
     def split(self, groups: Sequence[Sequence[int]]) -> TorchDistributedTransport:
-        """Every rank of this transport's group calls ``dist.new_group`` for every group, in order."""
+        """On the world group every rank calls ``dist.new_group`` for every group, in order. On a
+        subgroup (e.g. the data-parallel group under model parallelism, or a second split), where the
+        other ranks of the world do not take part, each rank makes only its own group, with local
+        synchronisation among that group's ranks."""
         parts = check_partition(groups, self.world_size)
         base = self._dist.get_process_group_ranks(self.process_group) if self.process_group is not None else None
         mine = None
         for part in parts:
             ranks = [base[r] for r in part] if base is not None else list(part)
+            if base is not None:
+                if self.rank in part:
+                    mine = self._dist.new_group(ranks, timeout=self.timeout, use_local_synchronization=True)
+                continue
             group = self._dist.new_group(ranks, timeout=self.timeout)
             if self.rank in part:
                 mine = group

@@ -561,9 +561,20 @@ def _patch(classes: dict[str, type]) -> None:
         if optimizer is not None:
             # Our files first: DeepSpeed writes 'latest' last, so a crash anywhere before it leaves
             # the previous checkpoint the one that loads.
-            save_rank_state(optimizer, os.path.join(save_dir, str(tag)))
+            failure: Exception | None = None
+            try:
+                save_rank_state(optimizer, os.path.join(save_dir, str(tag)))
+            except Exception as err:  # noqa: BLE001 - reported on every rank below, not on this one alone
+                failure = err
             barrier = torch.zeros(1, device=control_device(optimizer.transport))
-            optimizer.transport.all_reduce_sum(barrier)  # every rank's file is on disk
+            barrier += failure is not None
+            failed = int(optimizer.transport.all_reduce_sum(barrier).item())  # every rank's file is on disk
+            if failed:
+                raise RuntimeError(
+                    f"Saving the per-rank compression state to {save_dir}/{tag} failed on {failed} rank(s)"
+                    + (f"; here: {type(failure).__name__}: {failure}" if failure is not None else "")
+                    + ". Nothing of this checkpoint was written by DeepSpeed; the previous one still loads."
+                ) from failure
         return original_save(self, save_dir, tag, *args, **kwargs)
 
     def load_checkpoint(self: Any, *args: Any, **kwargs: Any) -> Any:

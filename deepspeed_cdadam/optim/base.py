@@ -316,6 +316,11 @@ class CompressedOptimizer(torch.optim.Optimizer):
             p.detach().copy_(master[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
 
+    def compression_layout(self) -> dict[str, Any]:
+        """What fixes the order and meaning of the compression state: a state saved under another
+        ``scale_blocks`` or exchange cannot be resumed into this one (its buffers are in another order)."""
+        return {"scale_blocks": self.scale_blocks, "exchanges": list(self.exchange_names())}
+
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim.Optimizer.state_dict`` plus the rank and world size its per-rank state belongs to."""
         out = super().state_dict()
@@ -324,23 +329,38 @@ class CompressedOptimizer(torch.optim.Optimizer):
             "rank": tr.rank,
             "world_size": tr.world_size,
             "keys": list(keys_with_scope(self.state_specs(), PER_RANK)),
+            "compression_layout": self.compression_layout(),
         }
         return out
 
     #: Set by a framework that restores per-rank state itself after ``load_state_dict`` (the
-    #: DeepSpeed integration's per-rank files): another rank's per-rank state is then dropped, not refused.
+    #: DeepSpeed integration's per-rank files): the per-rank state in a state_dict is then dropped on
+    #: every rank, not refused, and ``step()`` refuses to run until it is restored or reset.
     accept_foreign_rank_state = False
+    _rank_state_pending = False
 
     def _drop_foreign_rank_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Refuse (or, for a framework that restores it, drop) per-rank state saved by another rank."""
         tag = state_dict.get(RANK_STATE_TAG)
         if tag is None:
             return state_dict
+        saved_layout = tag.get("compression_layout", self.compression_layout())
+        if saved_layout != self.compression_layout():
+            raise ValueError(
+                f"This optimizer state_dict was saved with {saved_layout}, this optimizer runs "
+                f"{self.compression_layout()}: its compression state is laid out differently. Resume with the "
+                "saved settings, or build a new optimizer and load only the model weights."
+            )
+        if self.accept_foreign_rank_state:
+            # the framework restores every rank's own per-rank state next (load_rank_state): drop it
+            # here on every rank alike, and refuse to step until it is restored or reset
+            self._rank_state_pending = True
+            return without_rank_state(state_dict)
         tr = self.transport
         if (tag["rank"], tag["world_size"]) == (tr.rank, tr.world_size):
             return state_dict
         present = any(k in entry for entry in state_dict["state"].values() for k in tag.get("keys", ()))
-        if present and not self.accept_foreign_rank_state:
+        if present:
             raise ValueError(
                 f"This optimizer state_dict holds the per-rank compression state of rank {tag['rank']} of "
                 f"{tag['world_size']} ({', '.join(tag['keys'])}), and this is rank {tr.rank} of {tr.world_size}. "
@@ -388,6 +408,12 @@ class CompressedOptimizer(torch.optim.Optimizer):
         per bucket one exchange and the update of each of its groups' segments."""
         if self.ignore_steps:
             return None
+        if self._rank_state_pending:
+            raise RuntimeError(
+                "The optimizer state was loaded without its per-rank compression state, and it was not "
+                "restored (deepspeed_cdadam.checkpoint.load_rank_state) or reset "
+                "(optimizer.reset_compression_state(), on every rank) since: stepping would use missing state."
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -518,6 +544,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
         Moments and step counts are kept. Call it on every rank alike (e.g. after resuming on
         another world size); the next step then starts the compression sequences afresh.
         """
+        self._rank_state_pending = False
         for bucket in self.buckets():
             state = self.bucket_state(bucket)
             if self.FLAT_STATE_KEY not in state:

@@ -187,7 +187,11 @@ class CDAdam(CompressedOptimizer):
         """Steps (6)-(9) on the segment ``seg.slice`` of the bucket's buffers, with ``seg.group``'s hyperparameters."""
         group, sl = seg.group, seg.slice
         beta1, beta2 = group["betas"]
-        max_sq = state.get(MAX_EXP_AVG_SQ) if group["amsgrad"] else None
+        max_sq = None
+        if group["amsgrad"]:
+            if MAX_EXP_AVG_SQ not in state:  # a group turned amsgrad on after the state was made
+                state[MAX_EXP_AVG_SQ] = state[EXP_AVG_SQ].clone()  # vhat starts at v, as at step 1
+            max_sq = state[MAX_EXP_AVG_SQ]
         # (6)-(8) moments, then the direction m / sqrt(vhat + eps)
         direction = amsgrad_direction(
             estimate[sl],

@@ -66,13 +66,20 @@ def test_in_process_reduce_scatter_async_and_subgroups():
 def _gloo_collectives(rank, world_size, out_dir):
     from deepspeed_cdadam import TorchDistributedTransport
 
-    result = _collectives_and_subgroups(rank, TorchDistributedTransport(timeout_s=60))
-    torch.save(result, f"{out_dir}/{rank}.pt")
+    world = TorchDistributedTransport(timeout_s=60)
+    result = _collectives_and_subgroups(rank, world)
+    # a split of a subgroup: only that subgroup's ranks take part (local synchronisation)
+    node = world.split(node_groups(4, 2)[0])
+    single = node.split([[0], [1]])
+    alone = single.all_reduce_sum(torch.tensor([float(rank)])).item()
+    torch.save((*result, (single.world_size, alone)), f"{out_dir}/{rank}.pt")
 
 
 def test_gloo_reduce_scatter_async_and_subgroups(tmp_path):
     spawn(_gloo_collectives, 4, str(tmp_path))
-    _check_collectives([torch.load(tmp_path / f"{r}.pt") for r in range(4)])
+    out = [torch.load(tmp_path / f"{r}.pt") for r in range(4)]
+    _check_collectives([o[:4] for o in out])
+    assert [o[4] for o in out] == [(1, float(r)) for r in range(4)]
 
 
 @pytest.mark.parametrize(

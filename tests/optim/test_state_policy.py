@@ -138,3 +138,59 @@ def test_a_new_exchange_is_one_class_and_one_registry_line(tmp_path, monkeypatch
         return True
 
     assert InProcessWorld(2).run(run) == [True, True]
+
+
+def test_state_dict_from_another_scale_layout_is_refused():
+    def run(rank, tr):
+        opt, params = _train(CDAdam, {"scale_blocks": "fixed"}, rank, tr)
+        sd = copy.deepcopy(opt.state_dict())
+        other = CDAdam(params, lr=1e-2, transport=tr, scale_blocks="tensor")
+        with pytest.raises(ValueError, match=r"saved with \{'scale_blocks': 'fixed'.*runs \{'scale_blocks': 'tensor'"):
+            other.load_state_dict(sd)
+        return True
+
+    assert InProcessWorld(2).run(run) == [True, True]
+
+
+def test_rank_files_from_another_scale_layout_are_refused(tmp_path):
+    from deepspeed_cdadam.checkpoint import CheckpointMismatchError
+
+    def run(rank, tr):
+        opt, params = _train(CDAdam, {}, rank, tr)
+        save_rank_state(opt, str(tmp_path))
+        other, _ = _train(CDAdam, {"scale_blocks": "tensor"}, rank, tr, params=params)
+        with pytest.raises(CheckpointMismatchError, match="laid out differently"):
+            load_rank_state(other, str(tmp_path))
+        return True
+
+    assert InProcessWorld(2).run(run) == [True, True]
+
+
+def test_framework_loads_drop_per_rank_state_on_every_rank_and_refuse_to_step_until_restored(tmp_path):
+    def run(rank, tr):
+        opt, params = _train(CDAdam, {}, rank, tr)
+        save_rank_state(opt, str(tmp_path))
+        sd = opt.state_dict()
+        fresh = CDAdam([torch.nn.Parameter(p.detach().clone()) for p in params], lr=1e-2, transport=tr)
+        fresh.accept_foreign_rank_state = True  # what the DeepSpeed integration sets
+        fresh.load_state_dict(copy.deepcopy(sd))  # rank 0's dict everywhere, as DeepSpeed does; here each its own
+        assert MARKOV_STATE not in fresh.bucket_state(fresh.buckets()[0])  # dropped on every rank alike
+        with pytest.raises(RuntimeError, match="loaded without its per-rank compression state"):
+            fresh.step()
+        assert load_rank_state(fresh, str(tmp_path))  # restored from this rank's file
+        a, b = opt.bucket_state(opt.buckets()[0]), fresh.bucket_state(fresh.buckets()[0])
+        return torch.equal(a[MARKOV_STATE], b[MARKOV_STATE])
+
+    assert InProcessWorld(2).run(run) == [True, True]
+
+
+def test_amsgrad_turned_on_later_gets_its_max_buffer():
+    def run(rank, tr):
+        opt, params = _train(CDAdam, {"amsgrad": False}, rank, tr, steps=2)
+        opt.param_groups[0]["amsgrad"] = True
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        return "max_exp_avg_sq" in opt.bucket_state(opt.buckets()[0])
+
+    assert InProcessWorld(1).run(run) == [True]
