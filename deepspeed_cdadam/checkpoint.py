@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 #: 2: one entry per communication bucket (``optim.base.Bucket``); 1: one per parameter group.
 FORMAT_VERSION = 2
-_OK, _MISSING, _BAD, _SKIPPED = 0, 1, 2, 3
+_OK, _MISSING, _BAD, _SKIPPED, _NO_CHECKPOINT = 0, 1, 2, 3, 4
 
 
 class CheckpointMismatchError(ValueError):
@@ -172,20 +172,32 @@ def check_loaded_state(optimizer: Any) -> None:
             )
 
 
-def load_rank_state(optimizer: Any, directory: str, restore: bool = True) -> bool:
+def load_rank_state(optimizer: Any, directory: str | None, restore: bool = True) -> bool:
     """Restore this rank's compression state (True), or reset it on every rank (False); see the module doc.
 
     ``restore=False`` (the optimizer states were not loaded): nothing is read or changed (False).
+    ``directory=None`` (the framework found no checkpoint on this rank): nothing to restore here.
     Every rank decides together, so all restore, all reset, all skip, or all raise.
     """
     tr = optimizer.transport
-    if restore:
+    if directory is None:
+        code, problem, saved = _NO_CHECKPOINT, "", None
+    elif restore:
         code, problem, saved = _read(optimizer, rank_state_path(directory, tr.rank, tr.world_size))
     else:
         code, problem, saved = _SKIPPED, "", None
     codes = torch.zeros(tr.world_size, device=control_device(tr))
     codes[tr.rank] = float(code)
     codes = tr.all_reduce_sum(codes).cpu()
+    absent = [r for r in range(tr.world_size) if codes[r] == _NO_CHECKPOINT]
+    if absent and len(absent) < tr.world_size:
+        raise CheckpointMismatchError(
+            f"The checkpoint was found on some ranks only: rank(s) {absent} found none (a checkpoint directory "
+            "that is not shared by every node, or a missing 'latest' / tag there). Put the checkpoint where every "
+            "rank reads it."
+        )
+    if absent:
+        return False
     skipped = [r for r in range(tr.world_size) if codes[r] == _SKIPPED]
     if skipped and len(skipped) < tr.world_size:
         raise CheckpointMismatchError(

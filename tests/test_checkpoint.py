@@ -171,3 +171,19 @@ def test_state_dict_of_the_per_group_layout_is_refused():
         return True
 
     assert InProcessWorld(2).run(run) == [True, True]
+
+
+def test_a_checkpoint_found_on_some_ranks_only_is_an_error_on_every_rank(tmp_path):
+    """A node-local checkpoint directory: the ranks that found none still enter the agreement."""
+
+    def run(rank, tr):
+        p = torch.nn.Parameter(torch.ones(10))
+        opt = CDAdam([p], lr=1e-2, transport=tr)
+        p.grad = torch.ones(10)
+        opt.step()
+        save_rank_state(opt, str(tmp_path))
+        with pytest.raises(CheckpointMismatchError, match=r"found on some ranks only: rank\(s\) \[1\] found none"):
+            load_rank_state(opt, str(tmp_path) if rank == 0 else None)
+        return load_rank_state(opt, None)  # no rank found one: nothing to do, on every rank
+
+    assert InProcessWorld(2).run(run) == [False, False]

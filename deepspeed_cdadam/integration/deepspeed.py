@@ -584,8 +584,11 @@ def _patch(classes: dict[str, type]) -> None:
         result = original_load(self, *args, **kwargs)
         optimizer = _our_optimizer(self)
         load_path = result[0] if isinstance(result, tuple) else None
-        if optimizer is not None and load_path is not None:
-            load_rank_state(optimizer, os.path.dirname(load_path), restore=restore)
+        if optimizer is not None:
+            # every rank enters the agreement, also one that found no checkpoint (then all must have none)
+            load_rank_state(optimizer, os.path.dirname(load_path) if load_path else None, restore=restore)
+            if load_path is None:  # no rank found one: nothing was loaded
+                return result
             if not restore and self.optimizer is not optimizer and hasattr(self.optimizer, "refresh_fp32_params"):
                 # DeepSpeed loaded the model weights but (load_optimizer_states=False) not the
                 # wrapper's fp32 master weights: the next step would write the old ones back.
