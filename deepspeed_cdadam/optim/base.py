@@ -112,38 +112,33 @@ class CompressedOptimizer(torch.optim.Optimizer):
     def __init__(
         self,
         params: Any,
-        defaults: dict[str, Any],
+        config: Any,
         *,
         exchange: str,
         compressor: str | Compressor,
-        block_size: int | None,
         transport: Transport | None,
         process_group: object | None,
-        timeout_s: float,
-        seed: int,
-        worker_scale_scope: str = "block",
-        nonfinite_grads: str = "error",
-        consistency_check_every: int = 0,
-        scale_blocks: str = "fixed",
     ) -> None:
-        # The arguments are checked by the subclass's config dataclass (``deepspeed_cdadam.config``).
-        super().__init__(params, defaults)
+        """``config``: the subclass's config dataclass (``deepspeed_cdadam.config``), which has checked
+        every argument; its settings are read from it here, once for every optimizer."""
+        super().__init__(params, config.param_group_defaults())
+        self.config = config
         self.compressor = get_compressor(compressor)
-        self.worker_scale_scope = worker_scale_scope
-        self.block_size = block_size
-        self.scale_blocks = scale_blocks  # "fixed", "tensor" or "tensor_padded" (comm.layout.make_layout)
+        self.worker_scale_scope = getattr(config, "worker_scale_scope", "block")  # EF21 has no scope option
+        self.block_size = config.block_size
+        self.scale_blocks = config.scale_blocks  # "fixed", "tensor" or "tensor_padded" (comm.layout.make_layout)
         self.exchange_name = exchange
-        self.seed = seed
+        self.seed = config.seed
         self._transport = transport
         self._process_group = process_group
-        self._timeout_s = float(timeout_s)
+        self._timeout_s = float(config.timeout_s)
         self._exchanges: dict[tuple[int, str], Exchange] = {}
         # True while a framework builds its wrappers around us: DeepSpeed's fp16/bf16 wrapper calls
         # step() once with zero gradients to create optimizer state; that call must not count as a
         # step (it would shift step counts and freeze_step, apply weight decay and move rand-k seeds).
         self.ignore_steps = False
-        self.nonfinite_grads = nonfinite_grads
-        self.consistency_check_every = consistency_check_every
+        self.nonfinite_grads = config.nonfinite_grads
+        self.consistency_check_every = config.consistency_check_every
         self.skipped_steps = 0  # steps skipped on every rank for a non-finite gradient
         self.steps_taken = 0
         # id(param) -> name, for error messages (the DeepSpeed integration fills it from the model)

@@ -144,21 +144,9 @@ class CDAdam(CompressedOptimizer):
     ) -> None:
         config = CDAdamConfig.from_arguments(locals())  # checks every argument (deepspeed_cdadam.config)
         super().__init__(
-            params,
-            config.param_group_defaults(),
-            exchange=config.exchange,
-            compressor=config.compressor,
-            block_size=config.block_size,
-            scale_blocks=config.scale_blocks,
-            transport=transport,
-            process_group=process_group,
-            timeout_s=config.timeout_s,
-            seed=config.seed,
-            worker_scale_scope=config.worker_scale_scope,
-            nonfinite_grads=config.nonfinite_grads,
-            consistency_check_every=config.consistency_check_every,
-        )
-        self.config = config
+            params, config, exchange=config.exchange, compressor=config.compressor,
+            transport=transport, process_group=process_group,
+        )  # fmt: skip
 
     def init_bucket_state(self, bucket: Bucket, state: dict[str, Any], zeros: torch.Tensor) -> None:
         state[EXP_AVG] = zeros.clone()  # m_t

@@ -67,21 +67,10 @@ class EF21(CompressedOptimizer):
         consistency_check_every: int = 0,
     ) -> None:
         config = EF21Config.from_arguments(locals())  # checks every argument (deepspeed_cdadam.config)
-        super().__init__(
-            params,
-            config.param_group_defaults(),
-            exchange="markov",
-            compressor=config.build_compressor(),  # with the ratio (default: the paper's for topk / randk)
-            block_size=config.block_size,
-            scale_blocks=config.scale_blocks,
-            transport=transport,
-            process_group=process_group,
-            timeout_s=config.timeout_s,
-            seed=config.seed,
-            nonfinite_grads=config.nonfinite_grads,
-            consistency_check_every=config.consistency_check_every,
-        )
-        self.config = config
+        super().__init__(  # the compressor carries the ratio (default: the paper's for topk / randk)
+            params, config, exchange="markov", compressor=config.build_compressor(),
+            transport=transport, process_group=process_group,
+        )  # fmt: skip
 
     FLAT_STATE_KEY = DOWN_MARKOV_STATE  # EF21 keeps no moments
     STATE = ()

@@ -87,21 +87,9 @@ class OneBitAdam(CompressedOptimizer):
     ) -> None:
         config = OneBitAdamConfig.from_arguments(locals())  # checks every argument (deepspeed_cdadam.config)
         super().__init__(
-            params,
-            config.param_group_defaults(),
-            exchange="error_feedback",
-            compressor=config.compressor,
-            block_size=config.block_size,
-            scale_blocks=config.scale_blocks,
-            transport=transport,
-            process_group=process_group,
-            timeout_s=config.timeout_s,
-            seed=config.seed,
-            worker_scale_scope=config.worker_scale_scope,
-            nonfinite_grads=config.nonfinite_grads,
-            consistency_check_every=config.consistency_check_every,
-        )
-        self.config = config
+            params, config, exchange="error_feedback", compressor=config.compressor,
+            transport=transport, process_group=process_group,
+        )  # fmt: skip
         self.freeze_step = config.freeze_step
         for group in self.param_groups:  # a wrong mask fails here, not after the warm-up
             if "exp_avg_mask" in group:
