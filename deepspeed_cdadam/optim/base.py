@@ -191,7 +191,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
             if self.scale_blocks == "fixed" or key[1] == "none":
                 layout = ShardLayout(numel, self.transport.world_size, self.block_size)
             else:
-                sizes = tuple(p.numel() for p in self.buckets()[index].params)
+                sizes = self.layout_tensor_sizes(self.buckets()[index])
                 if sum(sizes) != numel:
                     raise ValueError(f"Bucket {index} has {sum(sizes)} coordinates, its buffer {numel}.")
                 layout = make_layout(sizes, self.transport.world_size, self.block_size, self.scale_blocks)
@@ -199,6 +199,12 @@ class CompressedOptimizer(torch.optim.Optimizer):
                 key[1], self.transport, layout, self.compressor, self.comm_stats, self.seed, self.worker_scale_scope
             )
         return self._exchanges[key]
+
+    def layout_tensor_sizes(self, bucket: Bucket) -> tuple[int, ...]:
+        """The "tensors" a ``scale_blocks="tensor"`` / ``"tensor_padded"`` layout follows: the bucket's
+        parameters. An optimizer may take coarser pieces (1-bit LAMB: the whole bucket as one tensor,
+        as upstream's one fused momentum buffer), as long as they add up to the bucket."""
+        return tuple(p.numel() for p in bucket.params)
 
     # --- buckets and flat buffers -----------------------------------------------------------
     #: Upstream OnebitAdam param-group keys we do not implement yet: refused rather than ignored.
