@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
 from .comm.transport import DEFAULT_TIMEOUT_S
-from .comm.layout import SCALE_BLOCKS as SCALE_BLOCK_CHOICES
+from .comm.layout import PADDED_SCALE_BLOCKS, SCALE_BLOCKS as SCALE_BLOCK_CHOICES
 from .compressors.base import Compressor
 from .compressors.registry import COMPRESSOR_NAMES, get_compressor
 from .exchange import EXCHANGES, WORKER_SCALE_SCOPES, check_worker_scale_scope
@@ -260,7 +260,9 @@ SCALE_BLOCKS = Choice(
     "how scale blocks are cut: 'fixed': blocks of block_size over each server shard of the whole bucket; "
     "'tensor': along parameter tensors, each tensor split across the servers and each piece one block "
     "(or cut into blocks of block_size); 'tensor_padded': as 'tensor' with each tensor zero-padded to a "
-    "multiple of world_size * lcm(world_size, 8), padding counted in the scales (upstream OnebitAdam)",
+    "multiple of world_size * lcm(world_size, 8), padding counted in the scales (upstream OnebitAdam); "
+    "'group_padded': as 'tensor_padded' with each param group's part of the bucket as one tensor (upstream "
+    "under DeepSpeed's fused fp16 wrapper, which hands the optimizer one flat fp32 tensor per group)",
     SCALE_BLOCK_CHOICES,
 )
 AMSGRAD = Bool("AMSGrad's running max of v (True, the paper) or Adam's v (False)")
@@ -436,8 +438,8 @@ class EF21Config(CommonConfig):
     def _check_together(self) -> None:
         super()._check_together()
         self.build_compressor()
-        if self.scale_blocks == "tensor_padded":  # its flat state (an exchange's) would be padded
-            raise ValueError("Invalid scale_blocks='tensor_padded' for EF21. Allowed: fixed, tensor.")
+        if self.scale_blocks in PADDED_SCALE_BLOCKS:  # its flat state (an exchange's) would be padded
+            raise ValueError(f"Invalid scale_blocks={self.scale_blocks!r} for EF21. Allowed: fixed, tensor.")
 
 
 def json_keys(config_cls: type[CommonConfig]) -> tuple[str, ...]:

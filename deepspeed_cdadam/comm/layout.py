@@ -21,7 +21,9 @@ import torch
 
 #: How scale blocks are cut (``scale_blocks`` option): fixed-size blocks over the whole bucket
 #: (``ShardLayout``), or along parameter tensors (``TensorLayout``), without or with upstream's padding.
-SCALE_BLOCKS = ("fixed", "tensor", "tensor_padded")
+SCALE_BLOCKS = ("fixed", "tensor", "tensor_padded", "group_padded")
+#: Choices whose "tensors" are zero-padded as upstream's compressed all-reduce pads them.
+PADDED_SCALE_BLOCKS = ("tensor_padded", "group_padded")
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,6 @@ def make_layout(
         return ShardLayout(sum(tensor_sizes), world_size, block_size)
     if scale_blocks == "tensor":
         return TensorLayout(tuple(tensor_sizes), world_size, block_size)
-    if scale_blocks == "tensor_padded":
+    if scale_blocks in PADDED_SCALE_BLOCKS:  # the caller chose the pieces: tensors, or whole param groups
         return TensorLayout(tuple(tensor_sizes), world_size, block_size, upstream_pad_multiple(world_size))
     raise ValueError(f"Unknown scale_blocks={scale_blocks!r}. Allowed: {', '.join(SCALE_BLOCKS)}.")

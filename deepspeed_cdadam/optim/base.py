@@ -203,7 +203,11 @@ class CompressedOptimizer(torch.optim.Optimizer):
     def layout_tensor_sizes(self, bucket: Bucket) -> tuple[int, ...]:
         """The "tensors" a ``scale_blocks="tensor"`` / ``"tensor_padded"`` layout follows: the bucket's
         parameters. An optimizer may take coarser pieces (1-bit LAMB: the whole bucket as one tensor,
-        as upstream's one fused momentum buffer), as long as they add up to the bucket."""
+        as upstream's one fused momentum buffer), as long as they add up to the bucket. With
+        ``scale_blocks="group_padded"``: each param group's segment (DeepSpeed's fused fp16 wrapper
+        hands upstream one flat fp32 tensor per group)."""
+        if self.scale_blocks == "group_padded":
+            return tuple(seg.stop - seg.start for seg in bucket.segments)
         return tuple(p.numel() for p in bucket.params)
 
     # --- buckets and flat buffers -----------------------------------------------------------

@@ -165,10 +165,10 @@ engine, optimizer, calls = initialize(seed=0)
 if args.upstream:
     # Upstream's first step() only initialises its buffers and moves nothing; with a zero gradient
     # it also leaves m and v at zero, so the recorded steps below line up with a fresh optimizer.
-    engine.backward(0.0 * engine(torch.zeros(8, IN)).sum())
+    engine.backward(0.0 * engine(torch.zeros(8, IN, dtype=next(engine.module.parameters()).dtype)).float().sum())
     engine.step()
     calls["allreduce"] = 0
-record = {"x0": flat(engine.module), "grads": [], "params": [], "opt_state": [], "optimizer": type(optimizer).__name__}
+record = {"x0": flat(engine.module), "grads": [], "params": [], "opt_state": [], "optimizer": type(engine.basic_optimizer).__name__}
 train(engine, 1, args.steps, record)
 record["allreduce_calls"] = calls["allreduce"]
 record["bytes_sent"] = getattr(getattr(engine.basic_optimizer, "comm_stats", None), "bytes_sent", None)

@@ -250,11 +250,15 @@ def test_bytes_per_step_reach_the_monitor_and_the_progress_lines(tmp_path):
     reason="upstream OnebitAdam was removed after deepspeed 0.19.6",
 )
 @pytest.mark.parametrize(
-    "model, layout",
-    [("single", {}), ("layers", {"scale_blocks": "tensor_padded"})],
-    ids=["one_tensor", "multi_tensor_per_tensor_scales"],
+    "model, layout, extra",
+    [
+        ("single", {}, {}),
+        ("layers", {"scale_blocks": "tensor_padded"}, {}),
+        ("layers", {"scale_blocks": "group_padded"}, {"fp16": {"enabled": True, "loss_scale": 128}}),
+    ],
+    ids=["one_tensor", "multi_tensor_per_tensor_scales", "multi_tensor_fp16_per_group_scales"],
 )
-def test_onebitadam_matches_upstream_onebitadam_bit_for_bit(tmp_path, model, layout):
+def test_onebitadam_matches_upstream_onebitadam_bit_for_bit(tmp_path, model, layout, extra):
     """DeepSpeed 0.19.6's own OnebitAdam (its compressed all-reduce code, CPU bit packing swapped in)
     against ours inside the same engine: identical parameters through warm-up and compressed phase.
 
@@ -266,19 +270,25 @@ def test_onebitadam_matches_upstream_onebitadam_bit_for_bit(tmp_path, model, lay
     scale_blocks="tensor_padded" each tensor is padded and chunked across the 2 servers as upstream's
     compressed all-reduce does, one worker scale per padded tensor, one server scale per chunk.
     Equal step for step, bit for bit, across the freeze_step boundary (steps 1-3 exact, 4-8 compressed).
+    ``fp16``: upstream runs under DeepSpeed's fused fp16 wrapper, which hands it one flat fp32 tensor
+    per param group (so its "tensor" is the group); ours under the unfused one, with
+    scale_blocks="group_padded" padding and scaling each group's segment as upstream does.
     """
     (tmp_path / "up").mkdir()
     (tmp_path / "ours").mkdir()
     upstream = launch(
         tmp_path / "up",
-        {"type": "OneBitAdam", "params": {"lr": 0.01, "freeze_step": 4, "comm_backend_name": "compressed"}},
+        # fp16: the fused wrapper's own set-up step() is upstream's initialising call, so ds_train's extra
+        # zero-gradient step is an uncompressed update (of zero: m, v, weights stay put): freeze one call later
+        {"type": "OneBitAdam", "params": {"lr": 0.01, "freeze_step": 5 if extra else 4, "comm_backend_name": "compressed"}},
         "--model",
         model,
         "--upstream",
         save=False,
+        **extra,
     )
     ours_params = {"lr": 0.01, "freeze_step": 3, "worker_scale_scope": "tensor", **layout}
-    ours = launch(tmp_path / "ours", {"type": "OneBitAdam", "params": ours_params}, "--model", model, save=False)
+    ours = launch(tmp_path / "ours", {"type": "OneBitAdam", "params": ours_params}, "--model", model, save=False, **extra)
     assert upstream[0]["optimizer"] == "OnebitAdam" and ours[0]["optimizer"] == "OneBitAdam"
     for a, b in zip(upstream, ours):
         assert a["allreduce_calls"] == b["allreduce_calls"] == 3
