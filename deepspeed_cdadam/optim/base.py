@@ -273,7 +273,33 @@ class CompressedOptimizer(torch.optim.Optimizer):
         """fp32 for fp16/bf16 parameters (master precision), else the parameters' dtype."""
         return torch.promote_types(params[0].dtype, torch.float32)
 
+    def bucket_grad(self, bucket: Bucket) -> torch.Tensor:
+        """The bucket's gradients in its persistent flat buffer (made once; a missing ``.grad`` is zeros).
+
+        Copied in, not aliased: ``p.grad`` never becomes a view of the buffer (torch's and DeepSpeed's
+        ``zero_grad`` drop ``.grad`` every step, and a view would let a user's in-place edit of
+        ``p.grad`` reach the optimizer's buffer), so the step allocates no full-size gradient.
+        """
+        dtype = self.buffer_dtype(bucket.params)
+        buffers: dict[int, torch.Tensor] = self.__dict__.setdefault("_grad_buffers", {})
+        flat = buffers.get(bucket.index)
+        device = bucket.params[0].device
+        if flat is None or flat.numel() != bucket.numel or flat.dtype != dtype or flat.device != device:
+            flat = buffers[bucket.index] = torch.empty(bucket.numel, dtype=dtype, device=device)
+        offset = 0
+        for p in bucket.params:
+            view = flat[offset : offset + p.numel()]
+            offset += p.numel()
+            if p.grad is None:
+                view.zero_()
+            elif p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
+            else:
+                view.copy_(p.grad.reshape(-1))
+        return flat
+
     def flat_grad(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """A new flat copy of ``params``' gradients (``bucket_grad`` reuses a buffer instead)."""
         dtype = self.buffer_dtype(params)
         parts = []
         for p in params:
@@ -424,7 +450,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         buckets = self.buckets()
-        grads = [self.flat_grad(b.params) for b in buckets]
+        grads = [self.bucket_grad(b) for b in buckets]
         for bucket, grad in zip(buckets, grads):
             check_on_transport_device(self.transport, grad, f"The gradient of {bucket.name()}")
         self._check_layout_unchanged(buckets, grads)

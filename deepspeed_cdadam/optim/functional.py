@@ -36,8 +36,9 @@ def amsgrad_direction(
         # (9') direction = (m_t / (1 - beta1^t)) / sqrt(vhat_t / (1 - beta2^t) + eps)
         t = bias_correction_step
         return (exp_avg / (1 - beta1**t)) / (second / (1 - beta2**t) + eps).sqrt()
-    # (9) direction = m_t / sqrt(vhat_t + eps)
-    return exp_avg / (second + eps).sqrt()
+    # (9) direction = m_t / sqrt(vhat_t + eps), in one temporary
+    direction = torch.add(second, eps).sqrt_()
+    return torch.div(exp_avg, direction, out=direction)
 
 
 def adam_moments_(
@@ -51,16 +52,25 @@ def adam_moments_(
 
 def onebit_adam_direction(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, eps: float) -> torch.Tensor:
     """DeepSpeed OnebitAdam's direction ``m / (sqrt(v) + eps)`` (no bias correction, as upstream)."""
-    return exp_avg / (exp_avg_sq.sqrt() + eps)
+    direction = exp_avg_sq.sqrt().add_(eps)  # one temporary, upstream's operations
+    return torch.div(exp_avg, direction, out=direction)
 
 
 def apply_update_(
-    params: list[torch.Tensor], direction: torch.Tensor, *, lr: float, weight_decay: float, decoupled: bool = True
+    params: list[torch.Tensor],
+    direction: torch.Tensor,
+    *,
+    lr: float,
+    weight_decay: float,
+    decoupled: bool = True,
+    overwrite_direction: bool = False,
 ) -> None:
     """``x <- x - lr * (direction + weight_decay * x)`` on each parameter's slice of the flat ``direction``.
 
     ``decoupled`` only changes the order of operations: ``x *= 1 - lr*wd`` first (AdamW), or the
-    update built as ``direction + wd * x`` first (DeepSpeed OnebitAdam).
+    update built as ``direction + wd * x`` first (DeepSpeed OnebitAdam). ``overwrite_direction=True``
+    (the caller's own temporary): the second order is computed in ``direction`` itself, with the
+    same operations, so no further full-size temporary is made (but ``wd * x`` with weight decay).
     """
     offset = 0
     with torch.no_grad():
@@ -71,6 +81,10 @@ def apply_update_(
                 if weight_decay != 0.0:
                     p.mul_(1 - lr * weight_decay)
                 p.add_(d.to(p.dtype), alpha=-lr)
+            elif overwrite_direction:  # the same operations as below, in d
+                if weight_decay > 0.0:
+                    d.add_(weight_decay * p)
+                p.add_(d.mul_(-lr).to(p.dtype))
             else:  # DeepSpeed OnebitAdam's own operations: update = d + wd * p; p += -lr * update
                 update = d + weight_decay * p if weight_decay > 0.0 else d
                 p.add_((-lr * update).to(p.dtype))

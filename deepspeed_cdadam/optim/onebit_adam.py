@@ -174,4 +174,5 @@ class OneBitAdam(CompressedOptimizer):
                 lr=group["lr"],
                 weight_decay=group["weight_decay"],
                 decoupled=False,
+                overwrite_direction=True,  # the direction is this segment's own temporary
             )

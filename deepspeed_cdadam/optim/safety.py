@@ -29,6 +29,15 @@ def _count(stats: CommStats | None, handed: int, sent: float) -> None:
         stats.collective_calls += 1
 
 
+def nonfinite(g: torch.Tensor) -> torch.Tensor:
+    """True (a 0-dim bool on ``g``'s device) if ``g`` holds a NaN or an inf. From its min and max (NaN
+    propagates through both, an inf is one of them): no full-size temporary, unlike ``isfinite(g).all()``."""
+    if g.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=g.device)
+    low, high = torch.aminmax(g)
+    return ~(torch.isfinite(low) & torch.isfinite(high))
+
+
 def agree_on_step(
     transport: Transport, grads: Sequence[torch.Tensor], planned: StepKind, stats: CommStats | None = None
 ) -> list[int]:
@@ -41,9 +50,7 @@ def agree_on_step(
     device = control_device(transport)
     flags = torch.zeros(transport.world_size, dtype=torch.float32, device=device)
     for g in grads:  # no host round trip per gradient: the flag is computed where the gradient lives
-        flags[transport.rank] = torch.maximum(
-            flags[transport.rank], (~torch.isfinite(g)).any().to(device=device, dtype=torch.float32)
-        )
+        flags[transport.rank] = torch.maximum(flags[transport.rank], nonfinite(g).to(device=device, dtype=torch.float32))
     flags[transport.rank] += 2.0 * int(planned)
     transport.all_reduce_sum(flags)
     _count(stats, 4 * transport.world_size, all_reduce_bytes_sent(4 * transport.world_size, transport.world_size))
