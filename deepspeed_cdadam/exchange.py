@@ -269,15 +269,18 @@ class CompressedExchange(Exchange):
             buf = buffers[key] = torch.zeros(nbytes, dtype=torch.uint8)
         return buf
 
-    def _agree_on_kernel(self) -> bool:
-        """Whether the kernels build on every rank: one all-reduce of a flag per rank, the first time only.
+    def _agree_on_kernel(self, impl: registry.KernelImpl) -> bool:
+        """Whether ``impl``'s kernels are available on every rank (``impl.failure()``: the CPU kernels
+        build, triton imports): one all-reduce of a flag per rank, the first time only. An exchange's
+        buffers stay on one device, so one answer serves all its steps.
 
         In ``fused`` mode every rank raises ``KernelUnavailableError`` naming the ranks that failed; in
-        ``auto`` mode all ranks use the eager path (each failing rank has logged its reason).
+        ``auto`` mode all ranks use the eager path (each failing rank has logged its reason), so no
+        rank runs kernels whose results (or collectives) differ from another rank's eager lines.
         """
         if self._kernel_everywhere is None:
             n, me = self.transport.world_size, self.rank
-            failure = kernels.build_failure()
+            failure = impl.failure()
             device = getattr(self.transport, "device", None) or torch.device("cpu")
             flags = torch.zeros(n, dtype=torch.float32, device=device)
             if failure is not None:
@@ -290,12 +293,13 @@ class CompressedExchange(Exchange):
             if failed and kernels.mode() == "fused":
                 reason = f"; here: {failure}" if failure is not None else " (see their logs for why)"
                 raise kernels.KernelUnavailableError(
-                    f"DEEPSPEED_CDADAM_KERNELS=fused, but the fused CPU kernel is unavailable on rank(s) {failed} "
-                    f"of {n}{reason}. Fix the build there, or set DEEPSPEED_CDADAM_KERNELS=auto or eager."
-                ) from failure
+                    f"DEEPSPEED_CDADAM_KERNELS=fused, but the {impl.name} {'are' if impl.name.endswith('s') else 'is'} "
+                    f"unavailable on rank(s) {failed} "
+                    f"of {n}{reason}. {impl.fix}, or set DEEPSPEED_CDADAM_KERNELS=auto or eager."
+                ) from (failure if isinstance(failure, BaseException) else None)
             if failed and failure is None:
                 kernels.logger.warning(
-                    "Fused CPU kernel unavailable on rank(s) %s: every rank uses the eager torch path.", failed
+                    "%s unavailable on rank(s) %s: every rank uses the eager torch path.", impl.name[:1].upper() + impl.name[1:], failed
                 )
             self._kernel_everywhere = not failed
         return self._kernel_everywhere
@@ -316,7 +320,7 @@ class CompressedExchange(Exchange):
         if (
             impl is not None
             and impl.applies(self, x, *state)
-            and (not impl.agree or self._agree_on_kernel())
+            and (not impl.agree or self._agree_on_kernel(impl))
             and impl.ready(self, x, *state)
         ):
             return impl

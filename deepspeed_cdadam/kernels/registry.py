@@ -14,8 +14,13 @@ A ``KernelImpl``:
   the order its ``exchange`` passes them (``markov``: ``h, ghat, gtil``; ``error_feedback``:
   ``e, ebar``; ``naive``: none).
 * ``agree``: whether every rank must agree on the kernel's availability before it runs
-  (``CompressedExchange._agree_on_kernel``: one all-reduce, the first time only; the CPU kernels,
-  built per rank). Checked after ``applies``.
+  (``CompressedExchange._agree_on_kernel``: one all-reduce, the first time only). Checked after
+  ``applies``. Every entry here agrees: the CPU kernels are built per rank and triton is imported
+  per rank, and a rank on the eager lines while another runs kernels would leave the ranks' results
+  apart (Triton's scales round differently) or, in ``fused`` mode, one rank raising while the others
+  wait in a collective.
+* ``failure() -> error | str | None``: why the kernels cannot run on this rank (``None``: they can);
+  what ``agree`` all-reduces. ``name`` and ``fix`` word the message of ``fused`` mode.
 * ``ready(ex, x, *state) -> bool``: per-call buffer checks made after the agreement (contiguity).
 * ``run(ex, x, state, step, group) -> Tensor``: the whole fused step, with the same collectives and
   byte counting (``ex._count``) as the eager lines; ``state`` is the tuple of buffers.
@@ -33,6 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import cpu_exchange, triton_exchange
+from .. import kernels
 
 if TYPE_CHECKING:
     from ..exchange import CompressedExchange
@@ -40,6 +46,10 @@ if TYPE_CHECKING:
 
 def _always(ex: CompressedExchange, x: torch.Tensor, *state: torch.Tensor) -> bool:
     return True
+
+
+def _no_failure() -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,9 @@ class KernelImpl:
     run: Callable[..., torch.Tensor]
     agree: bool = False
     ready: Callable[..., bool] = _always
+    failure: Callable[[], object] = _no_failure
+    name: str = "fused kernel"
+    fix: str = "Fix it there"
 
 
 def device_type(x: torch.Tensor) -> str:
@@ -74,6 +87,15 @@ def _triton_error_feedback(ex, x, state, step, group):
     return triton_exchange.run_error_feedback(ex, x, *state)
 
 
+def _triton_failure() -> str | None:
+    """Why triton cannot be imported on this rank (warned once in ``auto`` mode), or ``None``."""
+    return triton_exchange.failure()
+
+
+def _cpu_build_failure():
+    return kernels.build_failure()  # looked up per call: tests patch it
+
+
 def _cpu_markov(ex, x, state, step, group):
     return cpu_exchange.run_markov(ex, x, *state)
 
@@ -82,12 +104,14 @@ def _cpu_error_feedback(ex, x, state, step, group):
     return cpu_exchange.run_error_feedback(ex, x, *state)
 
 
-_CPU_MARKOV = KernelImpl(cpu_exchange.markov_applies, _cpu_markov, agree=True, ready=cpu_exchange.contiguous)
+_CPU = {"agree": True, "failure": _cpu_build_failure, "name": "fused CPU kernel", "fix": "Fix the build there"}
+_TRITON = {"agree": True, "failure": _triton_failure, "name": "Triton GPU kernels", "fix": "Install triton there"}
+_CPU_MARKOV = KernelImpl(cpu_exchange.markov_applies, _cpu_markov, ready=cpu_exchange.contiguous, **_CPU)
 _CPU_ERROR_FEEDBACK = KernelImpl(
-    cpu_exchange.error_feedback_applies, _cpu_error_feedback, agree=True, ready=cpu_exchange.contiguous
+    cpu_exchange.error_feedback_applies, _cpu_error_feedback, ready=cpu_exchange.contiguous, **_CPU
 )
-_TRITON_MARKOV = KernelImpl(_triton_applies, _triton_markov)
-_TRITON_ERROR_FEEDBACK = KernelImpl(_triton_applies, _triton_error_feedback)
+_TRITON_MARKOV = KernelImpl(_triton_applies, _triton_markov, **_TRITON)
+_TRITON_ERROR_FEEDBACK = KernelImpl(_triton_applies, _triton_error_feedback, **_TRITON)
 
 #: Fused kernels by (exchange scheme, compressor name, device type).
 KERNELS: dict[tuple[str, str, str], KernelImpl] = {

@@ -95,29 +95,38 @@ def import_failure() -> str | None:
 _warned = False
 
 
-def available() -> bool:
-    """Whether the Triton path may run: ``DEEPSPEED_CDADAM_KERNELS`` is not ``eager`` and triton imports.
+def failure() -> str | None:
+    """Why triton cannot be imported on this rank, or ``None``; in ``auto`` mode a failure warns once.
 
-    ``auto`` (default): a failed import warns once and the eager path runs; ``fused``: it raises
-    ``KernelUnavailableError``.
+    What the exchanges agree on across ranks before the first Triton step (``kernels.registry``):
+    all ranks take the Triton path or none does.
+    """
+    from . import mode
+
+    global _warned
+    why = import_failure()
+    if why is not None and mode() == "auto" and not _warned:
+        _warned = True
+        logger.warning("Triton GPU kernels unavailable, using the eager torch path: %s", why)
+    return why
+
+
+def available() -> bool:
+    """Whether the Triton path may run on this rank: ``DEEPSPEED_CDADAM_KERNELS`` is not ``eager`` and
+    triton imports. ``auto`` (default): a failed import warns once; ``fused``: it raises
+    ``KernelUnavailableError``. (The exchanges ask ``failure()`` through the cross-rank agreement.)
     """
     from . import KernelUnavailableError, mode
 
-    global _warned
     if mode() == "eager":
         return False
-    failure = import_failure()
-    if failure is None:
-        return True
-    if mode() == "fused":
+    why = failure()
+    if why is not None and mode() == "fused":
         raise KernelUnavailableError(
-            f"DEEPSPEED_CDADAM_KERNELS=fused, but the Triton GPU kernels are unavailable: {failure}. "
+            f"DEEPSPEED_CDADAM_KERNELS=fused, but the Triton GPU kernels are unavailable: {why}. "
             "Install triton (pip install triton), or set DEEPSPEED_CDADAM_KERNELS=auto or eager."
         )
-    if not _warned:
-        _warned = True
-        logger.warning("Triton GPU kernels unavailable, using the eager torch path: %s", failure)
-    return False
+    return why is None
 
 
 def norm_of(compressor: object) -> str | None:
@@ -138,8 +147,12 @@ def applies(ex: CompressedExchange, x: torch.Tensor, *state: torch.Tensor) -> bo
     """Whether exchange ``ex`` runs its step on the Triton kernels for buffer ``x`` (and its ``state`` buffers).
 
     A GPU buffer of fp32/fp64, a scaled-sign compressor, blocks of a multiple of 8 (or one per
-    shard), contiguous buffers, and ``available()``; otherwise the eager path runs.
+    shard), contiguous buffers, and a mode other than ``eager``; otherwise the eager path runs.
+    Only checks that are the same on every rank: whether triton imports is agreed across the ranks
+    afterwards (``kernels.registry``, ``failure``).
     """
+    from . import mode
+
     block = ex.layout.block_size
     return (
         norm_of(ex.compressor) is not None
@@ -148,7 +161,7 @@ def applies(ex: CompressedExchange, x: torch.Tensor, *state: torch.Tensor) -> bo
         and (block is None or block % 8 == 0)
         and ex.worker_scale_scope in SCOPES
         and all(t.is_contiguous() and t.dtype == x.dtype and t.device == x.device for t in (x, *state))
-        and available()
+        and mode() != "eager"
     )
 
 

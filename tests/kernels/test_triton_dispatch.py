@@ -47,11 +47,17 @@ def on_cuda(monkeypatch):
     ],
 )
 def test_cuda_buffers_take_the_triton_path(on_cuda, scheme, layout, compressor, scope):
-    """The runner is a spy, so no collective runs: rank 0 of a larger world can be asked alone."""
-    ex, state = _exchange(scheme, layout, compressor, scope)
-    x = torch.randn(layout.numel)
-    assert ex.exchange(x, state, step=1) is x
-    assert on_cuda == [RUNNERS[scheme]]
+    """Every rank runs (they agree that triton imports: one all-reduce); the runner is a spy."""
+
+    def rank_fn(rank, transport):
+        ex = make_exchange(scheme, transport, layout, compressor, worker_scale_scope=scope)
+        state: dict = {}
+        ex.init_state(state, torch.zeros(layout.numel))
+        x = torch.randn(layout.numel)
+        return ex.exchange(x, state, step=1) is x
+
+    assert InProcessWorld(layout.world_size, timeout_s=10).run(rank_fn) == [True] * layout.world_size
+    assert on_cuda == [RUNNERS[scheme]] * layout.world_size
 
 
 @pytest.mark.parametrize(
@@ -115,5 +121,37 @@ def test_fused_mode_without_triton_raises(monkeypatch):
     monkeypatch.setattr(tx, "import_failure", lambda: "ImportError: No module named 'triton'")
     monkeypatch.setenv("DEEPSPEED_CDADAM_KERNELS", "fused")
     ex, state = _exchange("markov")
-    with pytest.raises(kernels.KernelUnavailableError, match="Triton GPU kernels are unavailable: ImportError"):
+    with pytest.raises(kernels.KernelUnavailableError, match=r"Triton GPU kernels are unavailable on rank\(s\) \[0\] of 1; here: ImportError"):
         ex.exchange(torch.zeros(4096), state, step=1)
+
+
+@pytest.mark.parametrize("mode", ["auto", "fused"])
+def test_triton_missing_on_one_rank_keeps_every_rank_on_one_path(monkeypatch, mode):
+    """triton imports on rank 0 only: the ranks agree before the first step, so in ``auto`` mode every
+    rank runs the eager lines (rank 0 must not run the Triton kernels while rank 1 runs eager ones:
+    their results differ in the last bits) and in ``fused`` mode every rank raises, naming rank 1."""
+    import threading
+
+    local = threading.local()
+    monkeypatch.setattr(tx, "_on_gpu", lambda t: True)
+    monkeypatch.setattr(tx, "import_failure", lambda: None if local.rank == 0 else "ImportError: no triton here")
+    monkeypatch.setattr(tx, "run_markov", lambda *a: pytest.fail("a rank ran the Triton kernels"))
+    monkeypatch.setenv("DEEPSPEED_CDADAM_KERNELS", mode)
+    layout = ShardLayout(4096, 2, 8)
+
+    def rank_fn(rank, transport):
+        local.rank = rank
+        ex = make_exchange("markov", transport, layout, ScaledSignL1())
+        state: dict = {}
+        ex.init_state(state, torch.zeros(layout.numel))
+        try:
+            return ex.exchange(torch.randn(layout.numel, generator=torch.Generator().manual_seed(rank)), state, step=1)
+        except kernels.KernelUnavailableError as err:
+            return str(err)
+
+    got = InProcessWorld(2, timeout_s=10).run(rank_fn)
+    if mode == "fused":
+        assert all(isinstance(m, str) and "unavailable on rank(s) [1] of 2" in m for m in got), got
+        assert "ImportError: no triton here" in got[1]
+    else:
+        assert torch.equal(got[0], got[1])  # both eager: the same estimate on both ranks
