@@ -157,8 +157,8 @@ def test_bf16_with_gradient_accumulation_counts_only_real_steps():
 def test_gradient_clipping_applies_to_the_gradient_our_optimizer_compresses():
     engine, _, _, _ = _init({"type": "CDAdam", "params": {"lr": 0.01}}, gradient_clipping=0.5)
     seen = []
-    original = engine.basic_optimizer.flat_grad
-    engine.basic_optimizer.flat_grad = lambda params: seen.append(original(params).norm().item()) or original(params)
+    original = engine.basic_optimizer.bucket_grad
+    engine.basic_optimizer.bucket_grad = lambda bucket: seen.append(original(bucket).norm().item()) or original(bucket)
     loss = 100.0 * engine(torch.ones(2, 4)).sum()
     engine.backward(loss)
     raw = torch.cat([p.grad.reshape(-1) for p in engine.module.parameters()]).norm().item()
