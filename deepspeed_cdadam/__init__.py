@@ -6,7 +6,7 @@ Importing the package needs neither cupy, CUDA nor deepspeed.
 from .comm import CommStats, InProcessWorld, ShardLayout, TorchDistributedTransport, Transport
 from .compressors import COMPRESSOR_NAMES, Compressor, get_compressor
 from .exchange import EXCHANGE_NAMES
-from .optim import EF21, CDAdam, OneBitAdam
+from .optim import EF21, LIECSGD, AdaCGD, Birder, CDAdam, OneBitAdam, OneBitLamb, SketchedAMSGrad, ZeroOneAdam
 from .optim.base import without_rank_state
 from .types import CommTimeoutError
 
@@ -76,16 +76,22 @@ _register_with_deepspeed()
 __all__ = [
     "COMPRESSOR_NAMES",
     "EF21",
+    "LIECSGD",
     "EXCHANGE_NAMES",
     "without_rank_state",
+    "AdaCGD",
+    "Birder",
     "CDAdam",
     "CommStats",
     "CommTimeoutError",
     "Compressor",
     "InProcessWorld",
     "OneBitAdam",
+    "OneBitLamb",
     "ShardLayout",
     "TorchDistributedTransport",
     "Transport",
+    "SketchedAMSGrad",
+    "ZeroOneAdam",
     "get_compressor",
 ]

@@ -5,7 +5,9 @@ own ``cdadam_rank{r}_of_{n}.pt`` next to the framework's checkpoint. Loading is 
 ranks together (one small all-reduce), so they all restore, all reset, or all raise:
 
 * every rank's file is present and matches (optimizer type, parameter layout): restored (with the
-  byte and skipped-step counters), and a resumed run continues bit-identically;
+  byte and skipped-step counters), and a resumed run continues bit-identically; an optimizer whose
+  ranks hold different parameters (``PARAMETERS_PER_RANK``: LIEC-SGD between averages) also gets
+  its own parameters and fp32 master copy back (the framework restored one rank's model on all);
 * files are missing (another world size, or a checkpoint from before): the compression state is
   reset on every rank, with a warning; moments, step counts and weights are kept;
 * any file is unreadable (corrupted, truncated) or was written by another optimizer type or for
@@ -28,7 +30,7 @@ import torch
 
 from .comm.transport import control_device
 from .state import PER_RANK, keys_with_scope
-from .types import STEP
+from .types import MASTER_PARAMS, STEP
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +87,32 @@ def check_bucket_layout(optimizer: Any) -> None:
             )
 
 
+def rank_parameters(optimizer: Any) -> list[dict[str, torch.Tensor]]:
+    """Each bucket's parameters (flat, in their dtype) and fp32 master copy, if it has one: this rank's own."""
+    out = []
+    for bucket in optimizer.buckets():
+        entry = {"params": torch.cat([p.detach().reshape(-1) for p in bucket.params]).cpu()}
+        master = optimizer.bucket_state(bucket).get(MASTER_PARAMS)
+        if master is not None:
+            entry[MASTER_PARAMS] = master.detach().cpu().clone()
+        out.append(entry)
+    return out
+
+
+def restore_rank_parameters(optimizer: Any, saved: list[dict[str, torch.Tensor]]) -> None:
+    """Put ``rank_parameters``' output back: the parameters, and the master copy (dropped if none was saved)."""
+    for bucket, entry in zip(optimizer.buckets(), saved):
+        offset = 0
+        for p in bucket.params:
+            p.detach().copy_(entry["params"][offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        state = optimizer.bucket_state(bucket)
+        if MASTER_PARAMS in entry:
+            state[MASTER_PARAMS] = entry[MASTER_PARAMS].to(device=bucket.params[0].device)
+        else:
+            state.pop(MASTER_PARAMS, None)
+
+
 def save_rank_state(optimizer: Any, directory: str) -> str:
     """Write this rank's per-rank compression state atomically; returns the file name."""
     tr = optimizer.transport
@@ -105,6 +133,9 @@ def save_rank_state(optimizer: Any, directory: str) -> str:
             {k: v.detach().cpu().clone() for k, v in optimizer.bucket_state(b).items() if k in per_rank}
             for b in optimizer.buckets()
         ],
+        # this rank's own parameters where ranks hold different ones (LIEC-SGD between averages): the
+        # framework saves one rank's model only
+        "parameters": rank_parameters(optimizer) if getattr(optimizer, "PARAMETERS_PER_RANK", False) else None,
     }
     path = rank_state_path(directory, tr.rank, tr.world_size)
     tmp = f"{path}.tmp"
@@ -234,6 +265,8 @@ def load_rank_state(optimizer: Any, directory: str | None, restore: bool = True)
         state = optimizer.bucket_state(bucket)
         for key, value in per_rank.items():
             state[key] = value.to(device=state[optimizer.FLAT_STATE_KEY].device)
+    if saved.get("parameters") is not None:
+        restore_rank_parameters(optimizer, saved["parameters"])
     optimizer._rank_state_pending = False  # every rank's own per-rank state is back
     if "comm_stats" in saved:
         for name, value in saved["comm_stats"].items():  # in place: the exchanges hold this object

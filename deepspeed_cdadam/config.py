@@ -27,8 +27,11 @@ from typing import Any, ClassVar, TypeVar
 from .comm.transport import DEFAULT_TIMEOUT_S
 from .comm.layout import PADDED_SCALE_BLOCKS, SCALE_BLOCKS as SCALE_BLOCK_CHOICES
 from .compressors.base import Compressor
+from .compressors.adaptive_topk import NestedTopK, check_ratios, ratios_must_be
+from .compressors.count_sketch import CountSketch
 from .compressors.registry import COMPRESSOR_NAMES, get_compressor
 from .exchange import EXCHANGES, WORKER_SCALE_SCOPES, check_worker_scale_scope
+from .hierarchical_exchange import HIERARCHIES
 from .optim.safety import NONFINITE_POLICIES
 
 #: Field metadata keys: the field's ``Spec``, and whether it is a parameter-group default.
@@ -237,7 +240,11 @@ BETAS = Pair(
     element_name="beta parameter",
 )
 EPS = Number("added to the denominator (CD-Adam: inside the square root; 1-bit Adam: outside)", gt=0.0)
-WEIGHT_DECAY = Number("weight decay (CD-Adam, EF21: decoupled as AdamW; 1-bit Adam: added to the update)", ge=0.0)
+WEIGHT_DECAY = Number(
+    "weight decay (CD-Adam, EF21: decoupled as AdamW; 1-bit Adam: added to the update; LIEC-SGD: added to the "
+    "gradient, as torch.optim.SGD)",
+    ge=0.0,
+)
 COMPRESSOR = Choice("the compressor, by name (Python: or a Compressor)", COMPRESSOR_NAMES, Compressor, "Unknown")
 BLOCK_SIZE = Int("coordinates per scale", ge=1, none_means="one block per shard")
 TIMEOUT_S = Number("collective timeout of the default transport", gt=0, note="seconds")
@@ -270,9 +277,34 @@ BIAS_CORRECTION = Bool(
     "Adam's bias correction of m and vhat (default off: the paper's update)",
     note="False: the paper, no correction; True: Adam's correction of m and vhat",
 )
-EXCHANGE = Choice(
+class GeneralExchanges:
+    """The names in ``exchange.EXCHANGES`` (live: a scheme registered later counts) of the general
+    schemes, those no optimizer owns (``Exchange.OWNER``)."""
+
+    def __iter__(self):
+        return (name for name, scheme in EXCHANGES.items() if not scheme.OWNER)
+
+    def __contains__(self, name: object) -> bool:
+        return name in EXCHANGES and not EXCHANGES[name].OWNER  # type: ignore[index]
+
+
+@dataclass(frozen=True)
+class ExchangeChoice(Choice):
+    """A general exchange scheme; another optimizer's own scheme is refused naming that optimizer."""
+
+    def check(self, name: str, value: object) -> None:
+        scheme = EXCHANGES.get(value) if isinstance(value, str) else None
+        if scheme is not None and scheme.OWNER:
+            raise ValueError(
+                f"Invalid {name}={value!r}: it is {scheme.OWNER}'s own scheme ({scheme.OWNER_NOTE}); use the "
+                f"optimizer {scheme.OWNER}. Allowed: {', '.join(self.values)}."
+            )
+        super().check(name, value)
+
+
+EXCHANGE = ExchangeChoice(
     "'markov' (CD-Adam) or a baseline: 'error_feedback', 'naive', 'none' (exact all-reduce)",
-    EXCHANGES,  # the live registry: a scheme registered later is allowed too
+    GeneralExchanges(),  # type: ignore[arg-type]
     word="Unknown",
 )
 FREEZE_STEP = Int("exact-Adam warm-up steps before the variance freezes and the momentum is compressed", ge=0)
@@ -387,8 +419,50 @@ class AdamConfig(CommonConfig):
         check_worker_scale_scope(self.worker_scale_scope, self.build_compressor())  # 'tensor' needs a scaled sign
 
 
+HIERARCHY = Choice(
+    "'flat': one exchange over all ranks; 'node': exact average inside each node group (fp32 reduce-scatter and "
+    "all-gather; Birder: its 1-bit signs), the compressed exchange across node groups only",
+    HIERARCHIES,
+)
+RANKS_PER_NODE = Int(
+    "ranks per node group with hierarchy 'node', ranks placed node by node (to emulate nodes on one machine)",
+    ge=1,
+    none_means="the launcher's LOCAL_WORLD_SIZE (torchrun) or LOCAL_SIZE (deepspeed)",
+)
+
+
 @dataclass(frozen=True, kw_only=True)
-class CDAdamConfig(AdamConfig):
+class NodeHierarchyOptions(_Checked):
+    """``hierarchy`` and ``ranks_per_node``, for the optimizers that run hierarchically (hierarchical_exchange)."""
+
+    hierarchy: str = option("flat", HIERARCHY)
+    ranks_per_node: int | None = option(None, RANKS_PER_NODE)
+
+    def _check_together(self) -> None:
+        super()._check_together()
+        if self.hierarchy == "flat":
+            if self.ranks_per_node is not None:
+                raise ValueError(
+                    f"Invalid ranks_per_node={self.ranks_per_node!r} with hierarchy='flat': node groups are used with "
+                    "hierarchy='node' only. Set hierarchy='node', or drop ranks_per_node."
+                )
+            return
+        # the node-level exchange shards each node's part into plain blocks, one worker scale per block
+        if getattr(self, "scale_blocks", "fixed") != "fixed":
+            raise ValueError(f"Invalid scale_blocks={self.scale_blocks!r} with hierarchy='node'. Allowed: fixed.")
+        if getattr(self, "worker_scale_scope", "block") != "block":
+            raise ValueError(
+                f"Invalid worker_scale_scope={self.worker_scale_scope!r} with hierarchy='node'. Allowed: block."
+            )
+        if getattr(self, "exchange", None) == "none":
+            raise ValueError(
+                "Invalid exchange='none' with hierarchy='node': the exact all-reduce has no compressed level. "
+                "Use hierarchy='flat', or a compressed exchange."
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class CDAdamConfig(NodeHierarchyOptions, AdamConfig):
     """``CDAdam``'s arguments (see its docstring for the defaults' measurements)."""
 
     betas: tuple[float, float] = redefault(AdamConfig, "betas", (0.9, 0.99))
@@ -399,13 +473,156 @@ class CDAdamConfig(AdamConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class OneBitAdamConfig(AdamConfig):
+class OneBitAdamConfig(NodeHierarchyOptions, AdamConfig):
     """``OneBitAdam``'s arguments (upstream OnebitAdam's defaults)."""
 
     DEEPSPEED_OPTIONS: ClassVar[type[DeepSpeedOptions]] = OneBitAdamDeepSpeedOptions
 
     compressor: str | Compressor = redefault(AdamConfig, "compressor", "sign_l2")
     freeze_step: int = option(100000, FREEZE_STEP)
+
+
+VAR_FREEZE_STEP = Int(
+    "last step of the first phase (variance refreshed on an exponentially growing interval, 1-bit averaged "
+    "gradients between refreshes); after it the variance is frozen and local steps with 1-bit syncs begin",
+    ge=1,
+)
+VAR_UPDATE_SCALER = Int("kappa: variance refreshes at each interval length before the interval doubles", ge=1)
+LOCAL_STEP_SCALER = Int(
+    "steps of the second phase at each local-step interval length before the interval doubles", ge=1
+)
+LOCAL_STEP_CLIPPER = Int("H: the longest local-step interval (steps from one 1-bit sync to the next)", ge=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZeroOneAdamDeepSpeedOptions(DeepSpeedOptions):
+    """Also upstream ZeroOneAdam's keys without effect, so that its configs load unchanged."""
+
+    bias_correction: bool = option(
+        True, Bool("upstream ZeroOneAdam's key: accepted and ignored (0/1 Adam applies no bias correction)")
+    )
+    eps_inside_sqrt: bool = option(
+        False,
+        Only(
+            "upstream ZeroOneAdam's key: only false (eps is added outside the square root)",
+            value=False,
+            refusal=(
+                "is not supported by ZeroOneAdam (upstream ZeroOneAdam ignored it); eps is added outside the "
+                "square root"
+            ),
+        ),
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZeroOneAdamConfig(AdamConfig):
+    """``ZeroOneAdam``'s arguments: upstream ZeroOneAdam's defaults, and its compressed all-reduce's
+    layout (each tensor padded, one worker scale per tensor)."""
+
+    DEEPSPEED_OPTIONS: ClassVar[type[DeepSpeedOptions]] = ZeroOneAdamDeepSpeedOptions
+
+    compressor: str | Compressor = redefault(AdamConfig, "compressor", "sign_l2")
+    scale_blocks: str = redefault(AdamConfig, "scale_blocks", "tensor_padded")
+    worker_scale_scope: str = redefault(AdamConfig, "worker_scale_scope", "tensor")
+    var_freeze_step: int = option(100000, VAR_FREEZE_STEP)
+    var_update_scaler: int = option(16, VAR_UPDATE_SCALER)
+    local_step_scaler: int = option(32678, LOCAL_STEP_SCALER)  # upstream's default (sic: not 32768)
+    local_step_clipper: int = option(16, LOCAL_STEP_CLIPPER)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OneBitLambDeepSpeedOptions(DeepSpeedOptions):
+    """Also upstream OnebitLamb's keys without effect, so that its configs load unchanged."""
+
+    bias_correction: bool = option(
+        True, Bool("upstream OnebitLamb's key: accepted and ignored (1-bit LAMB applies no bias correction)")
+    )
+    eps_inside_sqrt: bool = option(
+        False,
+        Only(
+            "upstream OnebitLamb's key: only false (eps is added outside the square root)",
+            value=False,
+            refusal=(
+                "is not supported by OneBitLamb (upstream OnebitLamb ignored it); eps is added outside the square root"
+            ),
+        ),
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class OneBitLambConfig(AdamConfig):
+    """``OneBitLamb``'s arguments (upstream OnebitLamb's defaults; its one fused 1-bit exchange by default)."""
+
+    DEEPSPEED_OPTIONS: ClassVar[type[DeepSpeedOptions]] = OneBitLambDeepSpeedOptions
+
+    compressor: str | Compressor = redefault(AdamConfig, "compressor", "sign_l2")
+    scale_blocks: str = option(
+        "tensor_padded",
+        Choice(
+            "'tensor_padded': the whole bucket is one tensor zero-padded to a multiple of world_size * "
+            "lcm(world_size, 8), one server scale per chunk (upstream's one fused momentum buffer); 'fixed': "
+            "blocks of block_size over each server shard, no padding",
+            ("tensor_padded", "fixed"),
+        ),
+    )
+    worker_scale_scope: str = option(
+        "tensor",
+        Choice(
+            "'tensor': one worker scale over the whole (padded) bucket, upstream's one fused buffer; 'block': one "
+            "per block",
+            WORKER_SCALE_SCOPES,
+        ),
+    )
+    freeze_step: int = option(
+        100000,
+        Int(
+            "LAMB warm-up steps (exact average, trust ratio) before the variance and the coefficient freeze "
+            "and the momentum is compressed",
+            ge=1,
+            note="the frozen coefficient is the warm-up's running average of the trust ratio",
+        ),
+    )
+    max_coeff: float = option(
+        10.0, Number("upper clip of the warm-up trust ratio ||x|| / ||update|| per tensor", gt=0.0, finite=True),
+        param_group=True,
+    )  # fmt: skip
+    min_coeff: float = option(
+        0.01, Number("lower clip of the warm-up trust ratio per tensor", ge=0.0, finite=True), param_group=True
+    )
+    coeff_beta: float = option(
+        0.9,
+        Number(
+            "decay rate of the running average of the trust ratio (the frozen coefficient; upstream advises "
+            "1 / (1 - coeff_beta) <= freeze_step)",
+            ge=0.0,
+            lt=1.0,
+        ),
+    )
+    factor_max: float = option(
+        4.0, Number("upper clip of the compressed phase's variance factor per tensor", ge=1.0, finite=True)
+    )
+    factor_min: float = option(
+        0.5,
+        Number(
+            "lower clip of the compressed phase's variance factor per tensor", gt=0.0, le=1.0,
+            note="the factor starts at 1.0",
+        ),
+    )  # fmt: skip
+    factor_threshold: float = option(
+        0.1, Number("largest relative change of the factor from one step to the next", ge=0.0, finite=True)
+    )
+
+    def _check_together(self) -> None:
+        super()._check_together()
+        check_lamb_coeff_range(self.min_coeff, self.max_coeff)
+
+
+def check_lamb_coeff_range(min_coeff: float, max_coeff: float, where: str = "") -> None:
+    """``min_coeff <= max_coeff`` (each already valid alone); ``where`` names a parameter group."""
+    if min_coeff > max_coeff:
+        raise ValueError(
+            f"Invalid min_coeff={min_coeff!r} > max_coeff={max_coeff!r}{where}. Must be min_coeff <= max_coeff."
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -440,6 +657,209 @@ class EF21Config(CommonConfig):
         self.build_compressor()
         if self.scale_blocks in PADDED_SCALE_BLOCKS:  # its flat state (an exchange's) would be padded
             raise ValueError(f"Invalid scale_blocks={self.scale_blocks!r} for EF21. Allowed: fixed, tensor.")
+
+
+MOMENTUM = Number(
+    "SGD momentum of each worker's own model (torch.optim.SGD's, applied after the compensation; never averaged)",
+    ge=0.0,
+    lt=1.0,
+)
+AVERAGE_PERIOD = Int(
+    "H: every H-th step averages the models and the gradients in full precision (the server error is added to "
+    "the gradient and reset); the other steps send 1 bit per coordinate both ways",
+    ge=1,
+)
+SCALE_BUCKET_SIZE = Int(
+    "bytes of whole tensors per scale bucket, one scale each both ways (the authors' --bucket-size, grouped as "
+    "torch._utils._take_tensors; 4 bytes per fp32 coordinate)",
+    ge=1,
+    none_means="one scale bucket per communication bucket",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LIECSGDConfig(CommonConfig):
+    """``LIECSGD``'s arguments: the defaults of the authors' code (lr 0.1, momentum 0, weight decay 5e-4,
+    average period 100, 52428800-byte buckets)."""
+
+    lr: float = redefault(CommonConfig, "lr", 0.1)
+    weight_decay: float = redefault(CommonConfig, "weight_decay", 5e-4)
+    momentum: float = option(0.0, MOMENTUM, param_group=True)
+    average_period: int = option(100, AVERAGE_PERIOD)
+    bucket_size: int | None = option(52428800, SCALE_BUCKET_SIZE)
+
+    def _check_together(self) -> None:
+        super()._check_together()
+        if self.block_size is not None:
+            raise ValueError(
+                f"Invalid block_size={self.block_size!r} for LIECSGD. Must be None: its scales follow bucket_size "
+                "(one scale per bucket of whole tensors, both ways)."
+            )
+        if self.scale_blocks != "fixed":
+            raise ValueError(
+                f"Invalid scale_blocks={self.scale_blocks!r} for LIECSGD. Allowed: fixed (its scale buckets are "
+                "set by bucket_size)."
+            )
+
+
+BIRDER_LR = Number("step size eta: a coordinate moves by at most lr per step (plus weight decay)", ge=0.0, finite=True)
+BIRDER_BETA = Number("beta: the one decay rate of both m (EMA of g) and b (EMA of |g|), so |m| <= b", ge=0.0, lt=1.0)
+BIRDER_WEIGHT_DECAY = Number("weight decay, added to the update: x -= lr * (qbar + weight_decay * x)", ge=0.0)
+BIRDER_AMSGRAD = Bool(
+    "Algorithm 1's AMSGrad-style running max bhat = max(bhat, b) as the denominator of m / bhat (theory only: the "
+    "authors do not run it in practice)"
+)
+BIRDER_SEED = Int("base of the per-rank, per-step seeds of the Bernoulli draws (reproducible from seed, step, bucket)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BirderConfig(NodeHierarchyOptions):
+    """``Birder``'s arguments. No compressor, block or scale options: its messages are unscaled signs.
+
+    Defaults are ours (the paper's hyperparameters were not retrieved, ../shared/SEED_SPECS.md section 1):
+    lr 1e-3, Adam's (on BERT MLM, 2 ranks, 600 steps: test loss 6.52 at lr 1e-3, 6.55 at 4e-4, 6.67 at
+    1e-4; Adam 6.55 at 4e-4), beta 0.9.
+    """
+
+    #: The DeepSpeed-only ``optimizer.params`` keys of this optimizer type.
+    DEEPSPEED_OPTIONS: ClassVar[type[DeepSpeedOptions]] = DeepSpeedOptions
+    #: What ``CompressedOptimizer`` reads of every config; fixed for Birder (no scales).
+    block_size: ClassVar[None] = None
+    scale_blocks: ClassVar[str] = "fixed"
+
+    lr: float = option(1e-3, BIRDER_LR, param_group=True)
+    beta: float = option(0.9, BIRDER_BETA, param_group=True)
+    weight_decay: float = option(0.0, BIRDER_WEIGHT_DECAY, param_group=True)
+    amsgrad: bool = option(False, BIRDER_AMSGRAD, param_group=True)
+    timeout_s: float = option(DEFAULT_TIMEOUT_S, TIMEOUT_S)
+    seed: int = option(0, BIRDER_SEED)
+    nonfinite_grads: str = option("error", NONFINITE_GRADS)
+    consistency_check_every: int = option(0, CONSISTENCY_CHECK_EVERY)
+
+    def param_group_defaults(self) -> dict[str, Any]:
+        """The ``defaults`` of ``torch.optim.Optimizer``: the fields a parameter group may override."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata[PARAM_GROUP]}
+
+
+@dataclass(frozen=True)
+class LevelRatios(Spec):
+    """AdaCGD's top-k levels: a list or tuple of ratios in (0, 1], strictly increasing (cheapest first)."""
+
+    def must_be(self) -> str:
+        return ratios_must_be()
+
+    def check(self, name: str, value: object) -> None:
+        check_ratios(value, name)
+
+
+ADACGD_WEIGHT_DECAY = Number("decoupled weight decay, as EF21: x <- (1 - lr * weight_decay) x - lr * gtil", ge=0.0)
+ADACGD_RATIOS = LevelRatios(
+    "the top-k levels C_1 .. C_m, each the kept fraction of every server shard, cheapest first; the last is the "
+    "finest, sent when no cheaper level (nor a skip) meets the acceptance rule"
+)
+ADACGD_ZETA = Number(
+    "zeta, the acceptance threshold of both directions: skip if ||x - h||^2 <= zeta ||x - y||^2, else the cheapest "
+    "level j < m with ||x - z_j||^2 <= zeta ||x - y||^2, else the finest (0: EF21 at the finest level)",
+    ge=0.0,
+    finite=True,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaCGDConfig(_Checked):
+    """``AdaCGD``'s arguments. No compressor, block or scale options: its levels are top-k (``ratios``).
+
+    Defaults are ours (the paper's K-sets and zeta were not retrieved, ../shared/SEED_SPECS.md section 3):
+    EF21's lr 0.01; levels 0.1%, 0.4% and 1.6% of each shard (the finest is EF21's paper ratio 0.016, each
+    cheaper level a quarter of the next); zeta 1.
+    """
+
+    #: The DeepSpeed-only ``optimizer.params`` keys of this optimizer type.
+    DEEPSPEED_OPTIONS: ClassVar[type[DeepSpeedOptions]] = DeepSpeedOptions
+    #: What ``CompressedOptimizer`` reads of every config; fixed for AdaCGD (top-k: no scales, no randomness).
+    block_size: ClassVar[None] = None
+    scale_blocks: ClassVar[str] = "fixed"
+    seed: ClassVar[int] = 0
+
+    lr: float = option(0.01, LR, param_group=True)
+    weight_decay: float = option(0.0, ADACGD_WEIGHT_DECAY, param_group=True)
+    ratios: tuple[float, ...] = option((0.001, 0.004, 0.016), ADACGD_RATIOS)
+    zeta: float = option(1.0, ADACGD_ZETA)
+    timeout_s: float = option(DEFAULT_TIMEOUT_S, TIMEOUT_S)
+    nonfinite_grads: str = option("error", NONFINITE_GRADS)
+    consistency_check_every: int = option(0, CONSISTENCY_CHECK_EVERY)
+
+    def _check_together(self) -> None:
+        super()._check_together()
+        object.__setattr__(self, "ratios", check_ratios(self.ratios))  # JSON gives a list
+
+    def param_group_defaults(self) -> dict[str, Any]:
+        """The ``defaults`` of ``torch.optim.Optimizer``: the fields a parameter group may override."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata[PARAM_GROUP]}
+
+    def build_compressor(self) -> NestedTopK:
+        return NestedTopK(self.ratios)
+
+
+SKETCH_EPS = Number(
+    "v_0 = vhat_0 = eps, the floor of vhat: the update divides by sqrt(vhat), no eps is added there", gt=0.0
+)
+SKETCH_WEIGHT_DECAY = Number(
+    "decoupled weight decay, as AdamW: x <- (1 - lr * weight_decay) x - lr * u / sqrt(vhat), on every coordinate",
+    ge=0.0,
+)
+SKETCH_K = Int("k: coordinates sent per bucket and step, the top-k of the estimate (at most the bucket's size)", ge=1)
+SKETCH_ROWS = Int(
+    "r: rows of each bucket's count sketch", ge=1, none_means="ceil(log2 d) for a bucket of d coordinates"
+)
+SKETCH_COLUMNS = Int("c: columns of each bucket's count sketch", ge=1, none_means="16 k")
+CANDIDATE_FACTOR = Int(
+    "P, Sketched-SGD's p2: 0 for one round (u takes the sketch's estimates); P >= 1 for a second round that averages "
+    "the workers' exact a_i on the P k coordinates of largest estimate and keeps the k largest of those",
+    ge=0,
+)
+SKETCH_SEED = Int("base of the per-step seeds of the hash functions, the same on every rank (from seed, step, bucket)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SketchedAMSGradConfig(_Checked):
+    """``SketchedAMSGrad``'s arguments. No compressor, block or scale options: its compressor is the count
+    sketch that ``k``, ``sketch_rows`` and ``sketch_columns`` size.
+
+    Defaults are ours (the paper's were not retrieved, ../shared/SEED_SPECS.md section 2): AMSGrad's lr,
+    betas and eps; k 1000 per bucket (a constant, so the bytes grow as log d: the paper's O(k log d));
+    r = ceil(log2 d) rows and c = 16 k columns (what recovers a top k: CountSketch); one round.
+    """
+
+    #: The DeepSpeed-only ``optimizer.params`` keys of this optimizer type.
+    DEEPSPEED_OPTIONS: ClassVar[type[DeepSpeedOptions]] = DeepSpeedOptions
+    #: What ``CompressedOptimizer`` reads of every config; fixed for SketchedAMSGrad (a sketch has no scales).
+    block_size: ClassVar[None] = None
+    scale_blocks: ClassVar[str] = "fixed"
+
+    lr: float = option(1e-3, LR, param_group=True)
+    betas: tuple[float, float] = option((0.9, 0.999), BETAS, param_group=True)
+    eps: float = option(1e-8, SKETCH_EPS, param_group=True)
+    weight_decay: float = option(0.0, SKETCH_WEIGHT_DECAY, param_group=True)
+    k: int = option(1000, SKETCH_K)
+    sketch_rows: int | None = option(None, SKETCH_ROWS)
+    sketch_columns: int | None = option(None, SKETCH_COLUMNS)
+    candidate_factor: int = option(0, CANDIDATE_FACTOR)
+    timeout_s: float = option(DEFAULT_TIMEOUT_S, TIMEOUT_S)
+    seed: int = option(0, SKETCH_SEED)
+    nonfinite_grads: str = option("error", NONFINITE_GRADS)
+    consistency_check_every: int = option(0, CONSISTENCY_CHECK_EVERY)
+
+    def _check_together(self) -> None:
+        super()._check_together()
+        object.__setattr__(self, "betas", tuple(self.betas))  # JSON gives a list
+
+    def param_group_defaults(self) -> dict[str, Any]:
+        """The ``defaults`` of ``torch.optim.Optimizer``: the fields a parameter group may override."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata[PARAM_GROUP]}
+
+    def build_compressor(self) -> CountSketch:
+        return CountSketch(self.k, self.sketch_rows, self.sketch_columns)
 
 
 def json_keys(config_cls: type[CommonConfig]) -> tuple[str, ...]:

@@ -29,6 +29,8 @@ Schemes (``make_exchange(name, ...)``):
       (3)            returns ctil (full vector)
 
 * ``naive``: ``C(mean_i C(x_i))``, no state.
+* ``immediate_compensation`` (LIEC-SGD, ``liec_exchange.py``): ``C(mean_i C(x_i) + ebar)`` down with
+  server error feedback, and each worker adds back its own ``x_i - C(x_i)`` (a per-rank result).
 * ``none``: exact ``mean_i x_i`` with an all-reduce.
 
 Every scheme counts the bytes this rank sends (``CommStats``).
@@ -133,6 +135,13 @@ class Exchange(ABC):
     #: The buffers this scheme keeps in the group state (``state.StateSpec``): created by
     #: ``init_state``, and read by checkpointing, resets and the consistency check.
     STATE: tuple[StateSpec, ...] = ()
+    #: Whether ``exchange`` returns the same vector on every rank (False: LIEC-SGD's locally
+    #: compensated gradient); an optimizer that keeps rank-identical moments of it needs True.
+    RESULT_RANK_IDENTICAL: bool = True
+    #: The optimizer this scheme is part of ("": a general scheme, any compressor, any Adam-type
+    #: optimizer's ``exchange`` option may name it), and what makes it that optimizer's (for messages).
+    OWNER: str = ""
+    OWNER_NOTE: str = ""
 
     def init_state(self, state: dict, like: torch.Tensor) -> None:
         """Create this scheme's declared state buffers in ``state`` (zeros)."""
@@ -240,10 +249,13 @@ class CompressedExchange(Exchange):
         self.stats.bytes_handed += handed
         self.stats.collective_calls += 1
 
-    def send_down(self, shard_vec: torch.Tensor, *, step: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Server -> workers. Returns (``C(shard_vec)`` on this shard, ``C`` of every shard concatenated)."""
+    def send_down(
+        self, shard_vec: torch.Tensor, *, step: int, group: int, scale: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Server -> workers. Returns (``C(shard_vec)`` on this shard, ``C`` of every shard concatenated).
+        ``scale``: the scales of this shard's blocks, given (computed over more than the shard: LIEC-SGD)."""
         n, me = self.layout.world_size, self.rank
-        wire, mine = self._encode(shard_vec, me, shared_seed(self.seed, step, group, _DOWN, me, me))
+        wire, mine = self._encode(shard_vec, me, shared_seed(self.seed, step, group, _DOWN, me, me), scale)
         recv = self.transport.all_gather(wire).view(n, -1)
         full = torch.cat(
             [
@@ -415,12 +427,21 @@ class NaiveExchange(CompressedExchange):
         return ctil
 
 
+from .liec_exchange import ImmediateCompensationExchange  # noqa: E402 - it builds on CompressedExchange above
+from .binary_exchange import BinaryExchange  # noqa: E402 - it subclasses CompressedExchange above
+from .adaptive_exchange import AdaptiveThreePointExchange  # noqa: E402 - it subclasses CompressedExchange above
+from .sketch_exchange import CountSketchExchange  # noqa: E402 - it subclasses CompressedExchange above
+
 #: Exchange schemes by name. A new scheme is one class (its ``STATE`` declared) and one line here.
 EXCHANGES: dict[str, type[Exchange]] = {
     "markov": MarkovExchange,
     "error_feedback": ErrorFeedbackExchange,
     "naive": NaiveExchange,
     "none": AllReduceExchange,
+    "immediate_compensation": ImmediateCompensationExchange,  # LIEC-SGD (liec_exchange.py)
+    "binary": BinaryExchange,  # Birder (binary_exchange.py)
+    "adaptive_3pc": AdaptiveThreePointExchange,  # AdaCGD (adaptive_exchange.py)
+    "count_sketch": CountSketchExchange,  # SketchedAMSGrad (sketch_exchange.py)
 }
 EXCHANGE_NAMES = tuple(EXCHANGES)
 

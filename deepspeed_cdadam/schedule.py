@@ -8,9 +8,10 @@ for the next step (``engine_allreduces``) instead of checking classes.
 
 * ``EXACT``: full-precision average of the gradients (by the engine's all-reduce when the
   optimizer lets the engine do it, e.g. 1-bit Adam's warm-up; else by the exchange ``none``).
-* ``COMPRESSED``: the optimizer's compressed exchange.
-* ``LOCAL``: no communication at all (local steps: 0/1 Adam, LIEC-SGD between averages).
-* ``AVERAGE``: periodic full-precision averaging of the model or momentum (LIEC-SGD, 0/1 Adam).
+* ``COMPRESSED``: the optimizer's compressed exchange (LIEC-SGD: every step between its averages).
+* ``LOCAL``: no communication at all (local steps: 0/1 Adam).
+* ``AVERAGE``: periodic averaging of the model or momentum (LIEC-SGD: in full precision; 0/1 Adam:
+  its 1-bit sync of the update accumulated over the local steps).
 * ``SKIP``: no state changes on any rank (a non-finite gradient on some rank, policy "skip").
 """
 

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 import torch
 
 FULL, SHARD = "full", "shard"
+#: The padding coordinates a padded layout adds past the bucket (1-bit LAMB's fused buffer: its
+#: optimizer makes the buffer, of the layout's length minus the bucket's).
+PADDING = "padding"
 RANK_IDENTICAL, PER_RANK, TRANSIENT = "rank_identical", "per_rank", "transient"
 
 
@@ -32,8 +35,8 @@ class StateSpec:
     doc: str = ""
 
     def __post_init__(self) -> None:
-        if self.length not in (FULL, SHARD):
-            raise ValueError(f"StateSpec {self.key!r}: length={self.length!r}, allowed: {FULL}, {SHARD}.")
+        if self.length not in (FULL, SHARD, PADDING):
+            raise ValueError(f"StateSpec {self.key!r}: length={self.length!r}, allowed: {FULL}, {SHARD}, {PADDING}.")
         if self.scope not in (RANK_IDENTICAL, PER_RANK, TRANSIENT):
             raise ValueError(
                 f"StateSpec {self.key!r}: scope={self.scope!r}, allowed: {RANK_IDENTICAL}, {PER_RANK}, {TRANSIENT}."
@@ -41,6 +44,8 @@ class StateSpec:
 
     def zeros(self, like: torch.Tensor, shard_numel: int) -> torch.Tensor:
         """A zero buffer of this spec's length, with ``like``'s dtype and device."""
+        if self.length == PADDING:
+            raise ValueError(f"StateSpec {self.key!r}: a padding buffer is made by its optimizer, not here.")
         if self.length == FULL:
             return torch.zeros_like(like)
         return torch.zeros(shard_numel, dtype=like.dtype, device=like.device)

@@ -160,6 +160,15 @@ def mean_over_ranks(values: list[float]) -> list[float]:
 
 
 def evaluate(engine, task, batch_size: int) -> tuple[float, float]:
+    """Test loss and accuracy, totalled over the ranks' evaluations. Where the ranks' models differ
+    (LIEC-SGD between its averages) the model evaluated is their average, as its authors evaluate,
+    and each rank's own model is put back afterwards."""
+    own = None
+    if getattr(engine.basic_optimizer, "PARAMETERS_PER_RANK", False):
+        own = [p.detach().clone() for p in engine.module.parameters()]
+        for p in engine.module.parameters():  # monitoring, not training: these bytes are not counted
+            dist.all_reduce(p.data)
+            p.data.div_(dist.get_world_size())
     engine.module.eval()
     total = torch.zeros(3, dtype=torch.float64, device=collective_device())  # loss x count, hits, count
     with torch.no_grad():
@@ -167,6 +176,9 @@ def evaluate(engine, task, batch_size: int) -> tuple[float, float]:
             loss, hits, count = task.loss_and_hits(engine.module, batch.to(engine.device))
             total += torch.tensor([loss.item() * count, hits, count], dtype=torch.float64, device=total.device)
     engine.module.train()
+    if own is not None:
+        for p, mine in zip(engine.module.parameters(), own):
+            p.data.copy_(mine)
     dist.all_reduce(total)
     return float(total[0] / total[2]), float(total[1] / total[2])
 

@@ -10,22 +10,49 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepspeed_cdadam import EF21, CDAdam, InProcessWorld, OneBitAdam
+from deepspeed_cdadam import (
+    EF21,
+    LIECSGD,
+    AdaCGD,
+    Birder,
+    CDAdam,
+    InProcessWorld,
+    OneBitAdam,
+    OneBitLamb,
+    SketchedAMSGrad,
+    ZeroOneAdam,
+)
 from deepspeed_cdadam.config import (
     SPEC,
+    AdaCGDConfig,
+    BirderConfig,
     CDAdamConfig,
     Choice,
     CommonConfig,
     EF21Config,
+    LIECSGDConfig,
     OneBitAdamConfig,
+    OneBitLambConfig,
+    SketchedAMSGradConfig,
+    ZeroOneAdamConfig,
     describe,
     field_names,
     json_keys,
     spec_of,
 )
 
-OPTIMIZERS = [(CDAdam, CDAdamConfig), (OneBitAdam, OneBitAdamConfig), (EF21, EF21Config)]
-IDS = ["CDAdam", "OneBitAdam", "EF21"]
+OPTIMIZERS = [
+    (CDAdam, CDAdamConfig),
+    (OneBitAdam, OneBitAdamConfig),
+    (EF21, EF21Config),
+    (LIECSGD, LIECSGDConfig),
+    (OneBitLamb, OneBitLambConfig),
+    (Birder, BirderConfig),
+    (ZeroOneAdam, ZeroOneAdamConfig),
+    (AdaCGD, AdaCGDConfig),
+    (SketchedAMSGrad, SketchedAMSGradConfig),
+]
+IDS = ["CDAdam", "OneBitAdam", "EF21", "LIECSGD", "OneBitLamb", "Birder", "ZeroOneAdam", "AdaCGD", "SketchedAMSGrad"]
 #: Constructor parameters that are objects, not settings (never in a config or a JSON file).
 NOT_SETTINGS = {"self", "params", "transport", "process_group"}
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,14 +113,15 @@ def test_json_keys_per_type():
         "consistency_check_every",
     )
     adam = common + ("betas", "eps", "worker_scale_scope")
-    assert json_keys(CDAdamConfig) == adam + (
+    hierarchy = ("hierarchy", "ranks_per_node")
+    assert json_keys(CDAdamConfig) == adam + hierarchy + (
         "amsgrad",
         "bias_correction",
         "exchange",
         "comm_backend_name",
         "cuda_aware",
     )
-    assert json_keys(OneBitAdamConfig) == adam + (
+    assert json_keys(OneBitAdamConfig) == adam + hierarchy + (
         "freeze_step",
         "comm_backend_name",
         "cuda_aware",
@@ -115,7 +143,13 @@ def test_the_integration_accepts_exactly_the_generated_keys():
     assert integration.ALLOWED_KEYS == {
         "cdadam": json_keys(CDAdamConfig),
         "onebitadam": json_keys(OneBitAdamConfig),
+        "onebitlamb": json_keys(OneBitLambConfig),
         "ef21": json_keys(EF21Config),
+        "liecsgd": json_keys(LIECSGDConfig),
+        "birder": json_keys(BirderConfig),
+        "zerooneadam": json_keys(ZeroOneAdamConfig),
+        "adacgd": json_keys(AdaCGDConfig),
+        "sketchedamsgrad": json_keys(SketchedAMSGradConfig),
     }
     with pytest.raises(ValueError) as err:
         integration._reject_unknown_keys("ef21", {"ratoi": 0.1})
@@ -172,7 +206,8 @@ def test_a_wrong_value_names_the_key_and_what_is_allowed(cls, name):
         (CDAdamConfig, {"consistency_check_every": -1}, "Must be an int >= 0 (0: never)."),
         (OneBitAdamConfig, {"freeze_step": True}, "Invalid freeze_step=True. Must be an int >= 0."),
         (EF21Config, {"ratio": 1.5}, "Invalid ratio=1.5. Must be None (0.016 for topk and randk, the paper's) or"),
-        (CDAdamConfig, {"exchange": "markow"}, "Allowed: markov, error_feedback, naive, none. Did you mean 'markov'?"),
+        # (schemes registered later are listed after these)
+        (CDAdamConfig, {"exchange": "markow"}, "Unknown exchange='markow'. Allowed: markov, error_feedback, naive, none"),
         (CDAdamConfig, {"compressor": "topK"}, "Unknown compressor='topK'. Allowed: scaled_sign, sign_l2, topk, randk"),
         (CDAdamConfig, {"nonfinite_grads": "skipp"}, "Invalid nonfinite_grads='skipp'. Allowed: error, skip. Did you"),
         (
@@ -245,6 +280,10 @@ class _Engine:
         (OneBitAdam, "compressor", "topk_"),
         (EF21, "ratio", 0.0),
         (EF21, "weight_decay", -0.1),
+        (LIECSGD, "momentum", 1.0),
+        (LIECSGD, "average_period", 0),
+        (LIECSGD, "bucket_size", -1),
+        (LIECSGD, "block_size", 256),
     ],
 )
 def test_a_bad_json_value_and_a_bad_python_argument_give_the_same_message(optimizer, key, value):

@@ -5,6 +5,7 @@ These are the counts the benchmarks and the 1/28 claim are made of. With ``n`` r
 * ``all_to_all`` of ``n`` chunks of ``W`` bytes: the rank keeps its own chunk, sends ``(n-1) W``.
 * ``all_gather`` of one chunk of ``W`` bytes: ring algorithm, each rank sends ``(n-1) W``.
 * ``all_reduce`` of ``B`` bytes: ring reduce-scatter + all-gather, each rank sends ``2 (n-1) B / n``.
+* ``reduce_scatter`` of ``B`` bytes (``n`` chunks): ring, each rank sends ``(n-1) B / n``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ def all_gather_bytes_sent(chunk_nbytes: int, world_size: int) -> int:
 
 def all_reduce_bytes_sent(nbytes: int, world_size: int) -> float:
     return 2 * (world_size - 1) * nbytes / world_size
+
+
+def reduce_scatter_bytes_sent(nbytes: int, world_size: int) -> float:
+    """Ring reduce-scatter of ``nbytes`` (``world_size`` equal chunks): each rank sends ``(n-1)/n`` of it."""
+    return (world_size - 1) * nbytes / world_size
 
 
 @dataclass

@@ -190,13 +190,14 @@ class TensorLayout:
                 starts = [self.shard_offsets[j] + within[j] for j in range(n)]
                 # coordinate i of the padded tensor: chunk j = the one holding i, at i - (chunk start)
                 bounds = [sum(chunk[:j]) for j in range(n)]
-                idx = torch.arange(size, dtype=torch.int64)
-                owner = torch.bucketize(idx, torch.tensor(bounds[1:], dtype=torch.int64), right=True)
-                base = torch.tensor(starts, dtype=torch.int64)[owner] - torch.tensor(bounds, dtype=torch.int64)[owner]
+                idx = torch.arange(size, dtype=torch.int64, device="cpu")  # not the default device: cached, moved
+                owner = torch.bucketize(idx, torch.tensor(bounds[1:], dtype=torch.int64, device="cpu"), right=True)
+                offsets = torch.tensor(starts, dtype=torch.int64, device="cpu")
+                base = offsets[owner] - torch.tensor(bounds, dtype=torch.int64, device="cpu")[owner]
                 parts.append(idx + base)
                 for j in range(n):
                     within[j] += chunk[j]
-            pos = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+            pos = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device="cpu")
             self._cache["positions"] = pos
         return pos
 
@@ -218,9 +219,9 @@ class TensorLayout:
                 chunk = self.chunk_sizes[k]
                 for j in range(n):
                     start = self.shard_offsets[j] + within[j]
-                    parts.append(torch.arange(start, start + chunk[j], dtype=torch.int64))
+                    parts.append(torch.arange(start, start + chunk[j], dtype=torch.int64, device="cpu"))
                     within[j] += chunk[j]
-            order = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+            order = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device="cpu")
             order = self._cache[key] = order.to(device)
         return order
 

@@ -15,7 +15,8 @@ client (``deepspeed.initialize(optimizer=CDAdam(...))``, or a callable returning
 
 * Its own gradient all-reduce is turned off while the optimizer communicates compressed: from
   the first step for CD-Adam and EF21; after ``freeze_step`` for 1-bit Adam (during the warm-up
-  the engine averages the gradients and our 1-bit Adam uses them as they are, as upstream does).
+  the engine averages the gradients and our 1-bit Adam uses them as they are, as upstream does);
+  for 0/1 Adam it is on for exactly its variance-refresh steps (``EXACT`` in its schedule), as upstream's is.
 * ZeRO (any stage >= 1) and MoE models are refused at initialize: the optimizer needs whole
   gradients, and it averages every gradient over the whole data-parallel group (an expert's
   gradient must be averaged over its expert-data-parallel group only).
@@ -50,6 +51,12 @@ client (``deepspeed.initialize(optimizer=CDAdam(...))``, or a callable returning
   or ``load_module_only=True`` (a warm start) nothing of ours is read: the optimizer state stays
   as it was (fresh, for a new engine) and the fp16/bf16 wrapper's fp32 master weights are
   refreshed from the loaded model weights; every rank must pass the same arguments.
+* Models that differ between ranks (LIEC-SGD between its averages; ``PARAMETERS_PER_RANK``): the
+  engine's all-reduce stays off (the optimizer averages the models itself every H steps), DeepSpeed
+  saves rank 0's model, and each rank's file also holds its own parameters, which ``load_checkpoint``
+  puts back into the optimizer and the model (under the fp16/bf16 wrapper: its fp32 copies, then the
+  model rounded from them), so every rank resumes its own model bit for bit. Module buffers
+  (BatchNorm statistics) are not the optimizer's: DeepSpeed keeps rank 0's.
 """
 
 from __future__ import annotations
@@ -71,9 +78,15 @@ from ..comm.mpi import MpiTransport
 from ..comm.transport import TorchDistributedTransport, Transport, control_device
 from ..config import CommonConfig, field_names, json_keys
 from ..optim.base import CompressedOptimizer
+from ..optim.adacgd import AdaCGD
+from ..optim.birder import Birder
 from ..optim.cd_adam import CDAdam
 from ..optim.ef21 import EF21
+from ..optim.liec_sgd import LIECSGD
 from ..optim.onebit_adam import OneBitAdam
+from ..optim.onebit_lamb import OneBitLamb
+from ..optim.sketched_amsgrad import SketchedAMSGrad
+from ..optim.zero_one_adam import ZeroOneAdam
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +94,17 @@ logger = logging.getLogger(__name__)
 SUPPORTED_DEEPSPEED_VERSIONS = ("0.19.6", "0.19.8")
 
 #: DeepSpeed ``optimizer.type`` (case-insensitive) -> our class.
-OPTIMIZER_TYPES: dict[str, type[CompressedOptimizer]] = {"cdadam": CDAdam, "onebitadam": OneBitAdam, "ef21": EF21}
+OPTIMIZER_TYPES: dict[str, type[CompressedOptimizer]] = {
+    "cdadam": CDAdam,
+    "onebitadam": OneBitAdam,
+    "onebitlamb": OneBitLamb,  # upstream OnebitLamb's engine name
+    "ef21": EF21,
+    "liecsgd": LIECSGD,  # "LIECSGD" in the JSON (types are matched lower-cased)
+    "birder": Birder,
+    "adacgd": AdaCGD,  # "AdaCGD" in the JSON
+    "zerooneadam": ZeroOneAdam,  # upstream ZeroOneAdam's engine name
+    "sketchedamsgrad": SketchedAMSGrad,  # "SketchedAMSGrad" in the JSON
+}
 
 #: DeepSpeed ``optimizer.type`` -> the config dataclass of its arguments (``deepspeed_cdadam.config``).
 CONFIG_TYPES: dict[str, type[CommonConfig]] = {
@@ -261,6 +284,25 @@ def configure_engine_for(engine: Any, optimizer: CompressedOptimizer) -> None:
     optimizer.engine_averages_exact_steps = optimizer.ENGINE_MAY_AVERAGE_EXACT_STEPS
     optimizer.on_next_step = lambda opt: _set_engine_allreduce(engine, opt.engine_allreduces())
     sync_engine_allreduce(engine, optimizer)
+
+
+def copy_rank_parameters_to_model(engine: Any, optimizer: CompressedOptimizer) -> None:
+    """After ``load_rank_state`` gave the optimizer this rank's own parameters back (LIEC-SGD), give
+    them to the model. Without a wrapper they are the model's. Under the fp16/bf16 wrapper they are
+    its fp32 copies: each model parameter takes its copy rounded, as the wrapper's step does."""
+    wrapper = engine.optimizer
+    if wrapper is optimizer:
+        return
+    fp32_groups, model_groups = getattr(wrapper, "fp32_groups", None), getattr(wrapper, "fp16_groups", None)
+    if fp32_groups is None or model_groups is None:
+        raise RuntimeError(
+            f"{type(optimizer).__name__} keeps each rank's own parameters, restored from its per-rank file into "
+            f"the optimizer's; DeepSpeed's wrapper {type(wrapper).__name__} has no fp32_groups / fp16_groups to "
+            "give them to the model through. Run without fp16/bf16, or with DeepSpeed's unfused fp16 wrapper."
+        )
+    for fp32_group, model_group in zip(fp32_groups, model_groups):
+        for fp32_param, model_param in zip(fp32_group, model_group):
+            model_param.data.copy_(fp32_param.data)
 
 
 def sync_engine_allreduce(engine: Any, optimizer: CompressedOptimizer) -> None:
@@ -586,9 +628,11 @@ def _patch(classes: dict[str, type]) -> None:
         load_path = result[0] if isinstance(result, tuple) else None
         if optimizer is not None:
             # every rank enters the agreement, also one that found no checkpoint (then all must have none)
-            load_rank_state(optimizer, os.path.dirname(load_path) if load_path else None, restore=restore)
+            restored = load_rank_state(optimizer, os.path.dirname(load_path) if load_path else None, restore=restore)
             if load_path is None:  # no rank found one: nothing was loaded
                 return result
+            if restored and optimizer.PARAMETERS_PER_RANK:  # this rank's own model, not rank 0's
+                copy_rank_parameters_to_model(self, optimizer)
             if not restore and self.optimizer is not optimizer and hasattr(self.optimizer, "refresh_fp32_params"):
                 # DeepSpeed loaded the model weights but (load_optimizer_states=False) not the
                 # wrapper's fp32 master weights: the next step would write the old ones back.

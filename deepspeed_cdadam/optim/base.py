@@ -37,6 +37,7 @@ from ..comm.transport import TorchDistributedTransport, Transport, check_on_tran
 from ..compressors.base import Compressor
 from ..compressors.registry import get_compressor
 from ..exchange import EXCHANGES, Exchange, make_exchange
+from ..hierarchical_exchange import NodeHierarchy
 from ..state import FULL, PER_RANK, RANK_IDENTICAL, StateSpec, keys_with_scope
 from ..types import EXP_AVG, EXP_AVG_SQ, MASTER_PARAMS, MAX_EXP_AVG_SQ, STEP
 from ..schedule import StepKind
@@ -144,6 +145,9 @@ class CompressedOptimizer(torch.optim.Optimizer):
         # id(param) -> name, for error messages (the DeepSpeed integration fills it from the model)
         self.param_names: dict[int, str] = {}
         self.comm_stats = CommStats()
+        # hierarchy "node" (hierarchical_exchange): exact inside node groups, compressed across them, bytes
+        # per level in node_hierarchy.intra_stats / inter_stats; None for hierarchy "flat"
+        self.node_hierarchy = NodeHierarchy.from_config(config)
         # the buckets' keys and parameters at the first step (the flat buffers' layout, fixed from then on)
         self._bucket_layout: list[tuple[tuple, tuple[int, ...]]] | None = None
         # Set by a framework whose engine averages the gradients on EXACT steps (see engine_allreduces)
@@ -167,11 +171,17 @@ class CompressedOptimizer(torch.optim.Optimizer):
         """Every flat buffer a bucket state can hold: the optimizer's, the master copy, the exchanges'."""
         specs = (*self.STATE, MASTER_SPEC)
         for name in self.exchange_names():
-            specs += EXCHANGES[name].STATE
+            specs += self.exchange_specs(name)
         return specs
 
     def exchange_state_keys(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(spec.key for name in self.exchange_names() for spec in EXCHANGES[name].STATE))
+        return tuple(dict.fromkeys(spec.key for name in self.exchange_names() for spec in self.exchange_specs(name)))
+
+    def exchange_specs(self, name: str) -> tuple[StateSpec, ...]:
+        """The buffers scheme ``name`` keeps (under hierarchy "node": those of its node-level exchange)."""
+        if self.node_hierarchy is not None and name != "none":
+            return self.node_hierarchy.specs(name)
+        return EXCHANGES[name].STATE
 
     # --- transport and exchanges --------------------------------------------------------
     @property
@@ -187,6 +197,11 @@ class CompressedOptimizer(torch.optim.Optimizer):
         ``scale_blocks`` "tensor" / "tensor_padded" the blocks follow the bucket's parameter tensors
         (``comm.layout.TensorLayout``). The exact scheme "none" always takes a plain ``ShardLayout``."""
         key = (index, name or self.exchange_name)
+        if key not in self._exchanges and self.node_hierarchy is not None and key[1] != "none":
+            self._exchanges[key] = self.node_hierarchy.make_exchange(  # exact inside node groups, compressed across
+                key[1], numel, self.transport, self.compressor, self.comm_stats, self.seed, self.block_size,
+                self.worker_scale_scope,
+            )  # fmt: skip
         if key not in self._exchanges:
             if self.scale_blocks == "fixed" or key[1] == "none":
                 layout = ShardLayout(numel, self.transport.world_size, self.block_size)
@@ -350,7 +365,8 @@ class CompressedOptimizer(torch.optim.Optimizer):
     def compression_layout(self) -> dict[str, Any]:
         """What fixes the order and meaning of the compression state: a state saved under another
         ``scale_blocks`` or exchange cannot be resumed into this one (its buffers are in another order)."""
-        return {"scale_blocks": self.scale_blocks, "exchanges": list(self.exchange_names())}
+        hierarchy = self.node_hierarchy.layout(self.transport.world_size) if self.node_hierarchy is not None else {}
+        return {"scale_blocks": self.scale_blocks, "exchanges": list(self.exchange_names()), **hierarchy}
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim.Optimizer.state_dict`` plus the rank and world size its per-rank state belongs to."""
@@ -479,8 +495,12 @@ class CompressedOptimizer(torch.optim.Optimizer):
     ENGINE_MAY_AVERAGE_EXACT_STEPS = False
 
     def completed_steps(self) -> int:
-        """Steps applied so far (skipped steps excluded): the ``step`` count of the bucket states."""
-        return max((self.bucket_state(b).get(STEP, 0) for b in self.buckets()), default=0)
+        """Steps applied so far (skipped steps excluded): the ``step`` count of the bucket states.
+
+        Reads without creating state: asked before a framework swaps the parameters for its own
+        copies (DeepSpeed's fp16 wrapper), an empty entry would be left under a parameter the
+        optimizer no longer has, and ``state_dict()`` would fail on it."""
+        return max((self.state.get(b.params[0], {}).get(STEP, 0) for b in self.buckets()), default=0)
 
     def planned_step(self) -> StepKind:
         """The kind of the next step (``schedule.StepKind``); agreed by every rank before it runs."""
@@ -555,11 +575,21 @@ class CompressedOptimizer(torch.optim.Optimizer):
             "steps on every rank."
         )
 
+    #: True where each rank keeps its own parameters between synchronisations (LIEC-SGD's local
+    #: models): checkpoints then save every rank's own (``checkpoint.save_rank_state``), and the
+    #: consistency check compares them only when ``parameters_identical_now()``.
+    PARAMETERS_PER_RANK = False
+
+    def parameters_identical_now(self) -> bool:
+        """Whether every rank holds the same parameters at this point (always, unless ``PARAMETERS_PER_RANK``)."""
+        return not self.PARAMETERS_PER_RANK
+
     def check_ranks_agree(self) -> None:
-        """Raise on every rank if parameters or rank-identical state differ between ranks."""
+        """Raise on every rank if parameters (where they must agree now) or rank-identical state differ."""
         named: list[tuple[str, torch.Tensor]] = []
         for gi, group in enumerate(self.param_groups):
-            named += [(self.param_name(gi, pi, p), p) for pi, p in enumerate(group["params"]) if p.requires_grad]
+            if self.parameters_identical_now():
+                named += [(self.param_name(gi, pi, p), p) for pi, p in enumerate(group["params"]) if p.requires_grad]
         for bucket in self.buckets():
             state = self.bucket_state(bucket)
             named += [

@@ -110,6 +110,12 @@ class CDAdam(CompressedOptimizer):
             scale for the worker's whole flat buffer, or per parameter tensor with
             ``scale_blocks`` "tensor"/"tensor_padded", sent with every shard: upstream OnebitAdam's
             worker side). The server side always scales per block.
+        hierarchy: "flat" (default): one exchange over all ranks; "node": exact fp32 average inside
+            each node group, the compressed exchange across node groups only, each local rank on its
+            part of the bucket (``hierarchical_exchange``; bytes per level in
+            ``node_hierarchy.intra_stats`` / ``inter_stats``; needs ``scale_blocks="fixed"``).
+        ranks_per_node: ranks per node group with hierarchy "node" (ranks placed node by node);
+            None: the launcher's ``LOCAL_WORLD_SIZE`` / ``LOCAL_SIZE``.
         nonfinite_grads: "error" (default): a NaN/inf gradient on any rank raises
             ``FloatingPointError`` on every rank before any state changes; "skip": every rank skips
             the step (``skipped_steps`` counts them). Either costs one tiny all-reduce per step.
@@ -139,6 +145,8 @@ class CDAdam(CompressedOptimizer):
         timeout_s: float = DEFAULT_TIMEOUT_S,
         seed: int = 0,
         worker_scale_scope: str = "block",
+        hierarchy: str = "flat",
+        ranks_per_node: int | None = None,
         nonfinite_grads: str = "error",
         consistency_check_every: int = 0,
     ) -> None:

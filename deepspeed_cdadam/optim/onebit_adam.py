@@ -38,7 +38,10 @@ class OneBitAdam(CompressedOptimizer):
     first call only initialises its buffers) and the error buffers are kept in checkpoints.
 
     The phase is ``state["step"] <= freeze_step``: warm-up. Steps (4)-(5) are
-    ``exchange.ErrorFeedbackExchange``.
+    ``exchange.ErrorFeedbackExchange``. With ``hierarchy="node"`` (``ranks_per_node`` per node group,
+    default the launcher's ``LOCAL_WORLD_SIZE``) they run across node groups on the node averages
+    of :math:`m^{(i)}_t` (exact inside each node; ``hierarchical_exchange``), so the error buffers
+    :math:`e_i`, :math:`\bar e` belong to nodes, each local rank holding its part of the bucket.
 
     Param-group keys, as upstream: ``exp_avg_mask`` (a tensor with one entry per coordinate of the
     group's trainable parameters, e.g. zeros for embedding rows that never get a gradient)
@@ -82,6 +85,8 @@ class OneBitAdam(CompressedOptimizer):
         timeout_s: float = DEFAULT_TIMEOUT_S,
         seed: int = 0,
         worker_scale_scope: str = "block",
+        hierarchy: str = "flat",
+        ranks_per_node: int | None = None,
         nonfinite_grads: str = "error",
         consistency_check_every: int = 0,
     ) -> None:

@@ -32,7 +32,9 @@ parser.add_argument(
     default="mlp",
     help="single: one weight tensor, 128 params; layers: 3 Linear layers, 6 tensors of sizes 520, 40, 960, 24, 120, 5",
 )
-parser.add_argument("--upstream", action="store_true", help="DeepSpeed's own OnebitAdam on a CPU backend")
+parser.add_argument(
+    "--upstream", action="store_true", help="DeepSpeed's own OnebitAdam / OnebitLamb / ZeroOneAdam on a CPU backend"
+)
 parser.add_argument("--mpu", action="store_true", help="pass a model-parallel unit (model parallel size 1)")
 parser.add_argument("--load-from", default="", help="only load this checkpoint (any world size), record, train 2 steps")
 parser.add_argument(
@@ -112,6 +114,8 @@ def train(engine, first: int, last: int, record: dict | None = None) -> None:
             record["params"].append(flat(engine.module))
             state = next(iter(engine.basic_optimizer.state.values()), {}) if not args.upstream else {}
             record["opt_state"].append({k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()})
+            if hasattr(engine.basic_optimizer, "get_lamb_coeffs"):  # 1-bit LAMB, ours and upstream's
+                record.setdefault("lamb_coeffs", []).append(engine.basic_optimizer.get_lamb_coeffs())
 
 
 class ModelParallelUnit:
@@ -162,7 +166,10 @@ if args.load_from:
     raise SystemExit(0)
 
 engine, optimizer, calls = initialize(seed=0)
-if args.upstream:
+# Upstream ZeroOneAdam counts every call in its schedule, so it gets its initialising call only, which
+# under fp16 the fused wrapper's set-up step() has made already (a zero-gradient update would shift it).
+upstream_zero_one = args.upstream and type(engine.basic_optimizer).__name__ == "ZeroOneAdam"
+if args.upstream and not (upstream_zero_one and engine.basic_optimizer.initialize):
     # Upstream's first step() only initialises its buffers and moves nothing; with a zero gradient
     # it also leaves m and v at zero, so the recorded steps below line up with a fresh optimizer.
     engine.backward(0.0 * engine(torch.zeros(8, IN, dtype=next(engine.module.parameters()).dtype)).float().sum())

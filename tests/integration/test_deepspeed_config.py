@@ -51,7 +51,8 @@ def _init(optimizer: dict, **extra):
             (
                 "Unknown key optimizer.params.betaz for optimizer type 'cdadam'. Allowed: lr, weight_decay, compressor, "
                 "block_size, scale_blocks, timeout_s, seed, nonfinite_grads, consistency_check_every, betas, eps, "
-                "worker_scale_scope, amsgrad, bias_correction, exchange, comm_backend_name, cuda_aware. "
+                "worker_scale_scope, hierarchy, ranks_per_node, amsgrad, bias_correction, exchange, comm_backend_name, "
+                "cuda_aware. "
                 "Did you mean 'betas'?"
             ),
         ),
@@ -106,6 +107,18 @@ def _init(optimizer: dict, **extra):
             {},
             TypeError,
             "Invalid optimizer.params.cuda_aware='yes'. Must be a bool.",
+        ),
+        (
+            {"type": "LIECSGD", "params": {"average_priod": 32}},
+            {},
+            ValueError,
+            "Unknown key optimizer.params.average_priod for optimizer type 'liecsgd'. Allowed: lr, weight_decay, ",
+        ),
+        (
+            {"type": "LIECSGD", "params": {"average_period": 0}},
+            {},
+            ValueError,
+            "Invalid average_period=0. Must be an int >= 1.",
         ),
     ],
 )
@@ -216,8 +229,14 @@ def test_checkpoint_of_another_optimizer_is_a_clear_error(tmp_path):
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.json"))
 EXPECTED_OPTIMIZER = {
     "cdadam": "CDAdam",
+    "zero": "ZeroOneAdam",  # bert_zero_one_adam.json
     "onebitadam": "OneBitAdam",
+    "onebit": "OneBitLamb",  # bert_onebit_lamb.json
     "ef21": "EF21",
+    "liec": "LIECSGD",  # resnet_liec_sgd.json
+    "birder": "Birder",
+    "adacgd": "AdaCGD",  # resnet_adacgd.json
+    "sketched": "SketchedAMSGrad",  # bert_sketched_amsgrad.json
     "amsgrad": "CDAdam",
     "adam": "AdamW",
 }

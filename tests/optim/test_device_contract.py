@@ -10,7 +10,7 @@ transport refuses it, as NCCL refuses a CPU tensor on a GPU run.
 import pytest
 import torch
 
-from deepspeed_cdadam import EF21, CDAdam, InProcessWorld, OneBitAdam
+from deepspeed_cdadam import EF21, CDAdam, InProcessWorld, OneBitAdam, OneBitLamb
 from deepspeed_cdadam.checkpoint import load_rank_state, save_rank_state
 from deepspeed_cdadam.comm.transport import _backend_device, control_device
 
@@ -18,6 +18,7 @@ OPTIMIZERS = {
     "cdadam": (CDAdam, {"block_size": 16}),
     "cdadam_one_block": (CDAdam, {"block_size": None}),
     "onebit": (OneBitAdam, {"freeze_step": 2}),
+    "onebitlamb": (OneBitLamb, {"freeze_step": 2}),
     "ef21": (EF21, {}),
 }
 

@@ -9,13 +9,14 @@ import io
 import pytest
 import torch
 
-from deepspeed_cdadam import EF21, CDAdam, InProcessWorld, OneBitAdam
+from deepspeed_cdadam import EF21, CDAdam, InProcessWorld, OneBitAdam, OneBitLamb
 from deepspeed_cdadam.types import EXP_AVG, MASTER_PARAMS
 
 LOW = [torch.bfloat16, torch.float16]
 OPTIMIZERS = {
     "cdadam": (CDAdam, {"lr": 1e-4}),
     "onebit": (OneBitAdam, {"lr": 1e-4, "freeze_step": 10}),
+    "onebitlamb": (OneBitLamb, {"lr": 1e-4, "freeze_step": 10}),
     "ef21": (EF21, {"lr": 1e-4, "compressor": "scaled_sign"}),
 }
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from deepspeed_cdadam import EF21, CDAdam, OneBitAdam, TorchDistributedTransport, without_rank_state
+from deepspeed_cdadam import EF21, CDAdam, OneBitAdam, OneBitLamb, TorchDistributedTransport, without_rank_state
 from deepspeed_cdadam.checkpoint import load_rank_state, save_rank_state
 
 pytestmark = [
@@ -28,6 +28,7 @@ CASES = {
          "block_size": None},
     ),
     "ef21": (EF21, {}),
+    "onebitlamb": (OneBitLamb, {"freeze_step": 2}),  # one rank: its warm-up and uncompressed phase
 }  # fmt: skip
 
 
