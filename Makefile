@@ -9,7 +9,7 @@ DS_LATEST ?= 0.19.8
 LATEST_VENV ?= .venv-ds-latest
 LATEST_STAMP := $(LATEST_VENV)/.installed
 
-.PHONY: install data demo test test-deepspeed-latest soak compare clean
+.PHONY: install data demo test test-slow test-deepspeed-latest soak compare clean
 
 $(STAMP): requirements.txt requirements-data.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -42,9 +42,13 @@ test: $(STAMP) data
 compare: $(STAMP) data
 	TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(BIN)/python scripts/compare.py
 
+# The tests beyond the default budget (~15 min on 2 cores; CI runs them after `make test`).
+test-slow: $(STAMP) data
+	TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(BIN)/python -m pytest -q -m "slow and not gpu"
+
 # Long robustness runs (minutes to an hour), not part of `make test`.
 soak: $(STAMP)
-	TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(BIN)/python -m pytest -q -m slow
+	TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(BIN)/python -m pytest -q -m soak
 
 $(LATEST_STAMP): requirements.txt pyproject.toml
 	$(PY) -m venv $(LATEST_VENV)

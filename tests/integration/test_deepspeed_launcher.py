@@ -191,6 +191,7 @@ def test_fp16_overflow_on_one_rank_skips_the_step_on_all_ranks(tmp_path):
     assert torch.equal(records[0]["params"][-1], records[1]["params"][-1])
 
 
+@pytest.mark.slow
 def test_fp16_overflow_agreement_does_not_rest_on_deepspeeds_onebit_branch(tmp_path):
     """DeepSpeed's fp16 overflow check all-reduces the flag over the data-parallel ranks only while
     the engine's own all-reduce is off (a branch kept for its 1-bit optimizers, which it deleted).
@@ -252,9 +253,12 @@ def test_bytes_per_step_reach_the_monitor_and_the_progress_lines(tmp_path):
 @pytest.mark.parametrize(
     "model, layout, extra",
     [
-        ("single", {}, {}),
+        pytest.param("single", {}, {}, marks=pytest.mark.slow),  # the multi-tensor case covers it
         ("layers", {"scale_blocks": "tensor_padded"}, {}),
-        ("layers", {"scale_blocks": "group_padded"}, {"fp16": {"enabled": True, "loss_scale": 128}}),
+        pytest.param(
+            "layers", {"scale_blocks": "group_padded"}, {"fp16": {"enabled": True, "loss_scale": 128}},
+            marks=pytest.mark.slow,
+        ),  # fmt: skip
     ],
     ids=["one_tensor", "multi_tensor_per_tensor_scales", "multi_tensor_fp16_per_group_scales"],
 )
@@ -298,6 +302,7 @@ def test_onebitadam_matches_upstream_onebitadam_bit_for_bit(tmp_path, model, lay
         assert not torch.equal(a["params"][-1], a["params"][3])  # the compressed phase moved the weights
 
 
+@pytest.mark.slow
 def test_fused_cpu_kernels_inside_the_engine_equal_the_eager_path(tmp_path, monkeypatch):
     """CD-Adam from JSON on the multi-tensor model with blocks of 8 (the fused CPU kernel applies):
     DEEPSPEED_CDADAM_KERNELS=fused (raises on every rank if it cannot run) equals eager bit for bit."""

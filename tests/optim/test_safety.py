@@ -115,7 +115,7 @@ def test_thousand_steps_on_four_gloo_ranks_end_identical(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(finals[0], other))
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 def test_soak_20000_steps_with_poisoned_batches(tmp_path):
     """`make soak`: 20,000 steps on 4 gloo ranks, a NaN batch on some rank every 97 steps (skipped
     everywhere), consistency checked every 500 steps; all ranks end bit-identical."""

@@ -90,7 +90,13 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("task", sorted(CASES))
+#: beyond the default test budget (20-50 s each): run by `make test-slow`
+SLOW_TASKS = ("smollm2", "bert-sentiment", "gpt2-tiny")
+
+
+@pytest.mark.parametrize(
+    "task", [pytest.param(t, marks=pytest.mark.slow) if t in SLOW_TASKS else t for t in sorted(CASES)]
+)
 def test_task_trains_through_launcher(tmp_path, task):
     _data_or_skip(task)
     name, params, kind = CASES[task]
@@ -124,3 +130,31 @@ def test_resume_writes_the_same_rows(tmp_path):
     for a, b in zip(straight, resumed):
         assert (a["loss"], a["acc"], a["lr"], a["bytes_total"]) == (b["loss"], b["acc"], b["lr"], b["bytes_total"])
     assert float(straight[-1]["lr"]) == pytest.approx(1e-5)  # decayed x0.1 at half the run
+
+
+# the methods added after the first head-to-head: committed config -> (task, optimizer params for a short run)
+NEW_METHODS = {
+    "bert_zero_one_adam.json": ("bert-mlm", {"var_freeze_step": 2, "local_step_scaler": 1, "local_step_clipper": 2}),
+    "bert_onebit_lamb.json": ("bert-mlm", {"freeze_step": 2}),
+    "bert_birder.json": ("bert-mlm", {}),
+    "bert_sketched_amsgrad.json": ("bert-mlm", {}),
+    "resnet_liec_sgd.json": ("resnet18-fashion", {"average_period": 4}),  # step 6 compressed
+    "resnet_adacgd.json": ("resnet18-fashion", {}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(NEW_METHODS))
+def test_every_new_method_trains_through_the_launcher(tmp_path, name):
+    """``deepspeed --num_gpus 2 scripts/train.py --deepspeed_config configs/<method>.json`` on CPU: finite
+    losses, an evaluation, and fewer bytes than an fp32 all-reduce over the run (each config's first
+    steps may be exact: 0/1 Adam's variance refreshes, 1-bit LAMB's warm-up, AdaCGD's first step)."""
+    task, params = NEW_METHODS[name]
+    _data_or_skip(task)
+    steps = 6
+    rows = train(tmp_path, small_config(tmp_path, name, 2, **params), task, steps)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [int(r["step"]) for r in rows] == list(range(1, steps + 1))
+    assert all(math.isfinite(float(r["loss"])) for r in rows) and math.isfinite(summary["test_loss"])
+    sent = per_step_bytes(rows)
+    assert 0 < sent[-1] < 4 * summary["params"] / 8, sent  # the last step is compressed (or local: > 0 control)
