@@ -142,8 +142,9 @@ def _compressor(kwargs: dict) -> dict:
     return out
 
 
-def run_optimizer(case: str, rank: int, transport, steps: int, dtype=torch.float64, block_size=None, device="cpu"):
-    opt_cls, kwargs, _, _ = CASES[case]
+def train_on_groups(make_optimizer, rank: int, steps: int, group_hparams: list[dict], dtype=torch.float64, device="cpu"):
+    """The harness's two parameter groups (with ``group_hparams``) trained ``steps`` steps on this
+    rank's gradients by ``make_optimizer(groups)``: (each group's flat parameters after each step, the optimizer)."""
     params = []
     groups = []
     for gi, (shapes, x0) in enumerate(zip(GROUP_SHAPES, initial_groups(dtype))):
@@ -152,8 +153,8 @@ def run_optimizer(case: str, rank: int, transport, steps: int, dtype=torch.float
             for t, s in zip(x0.split([torch.Size(s).numel() for s in shapes]), shapes)
         ]
         params.append(ps)
-        groups.append({"params": ps, "lr": GROUP_LR[gi], **GROUP_HPARAMS.get(case, [{}, {}])[gi]})
-    opt = opt_cls(groups, transport=transport, block_size=block_size, **_compressor(kwargs))
+        groups.append({"params": ps, **group_hparams[gi]})
+    opt = make_optimizer(groups)
     history = []
     for t in range(1, steps + 1):
         for gi, ps in enumerate(params):
@@ -163,6 +164,16 @@ def run_optimizer(case: str, rank: int, transport, steps: int, dtype=torch.float
                 p.grad = None if (gi, pi) == NO_GRAD else gp.reshape(p.shape).clone()
         opt.step()
         history.append([torch.cat([p.detach().reshape(-1) for p in ps]).cpu() for ps in params])
+    return history, opt
+
+
+def run_optimizer(case: str, rank: int, transport, steps: int, dtype=torch.float64, block_size=None, device="cpu"):
+    opt_cls, kwargs, _, _ = CASES[case]
+    hparams = [{"lr": GROUP_LR[gi], **GROUP_HPARAMS.get(case, [{}, {}])[gi]} for gi in range(len(GROUP_SHAPES))]
+    history, opt = train_on_groups(
+        lambda groups: opt_cls(groups, transport=transport, block_size=block_size, **_compressor(kwargs)),
+        rank, steps, hparams, dtype, device,
+    )  # fmt: skip
     return history, opt.comm_stats
 
 

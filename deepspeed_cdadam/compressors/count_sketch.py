@@ -69,9 +69,9 @@ def draw_hashes(rows: int, seed: int) -> SketchHashes:
     drawn in this order: ``a`` (rows), ``b`` (rows), then the sign coefficients (rows x 4, row-major).
     The global RNG is untouched."""
     gen = torch.Generator().manual_seed(seed)
-    a = torch.randint(1, PRIME, (rows,), generator=gen, dtype=torch.int64)
-    b = torch.randint(0, PRIME, (rows,), generator=gen, dtype=torch.int64)
-    sign = torch.randint(0, PRIME, (rows, 4), generator=gen, dtype=torch.int64)
+    a = torch.randint(1, PRIME, (rows,), generator=gen, dtype=torch.int64, device="cpu")
+    b = torch.randint(0, PRIME, (rows,), generator=gen, dtype=torch.int64, device="cpu")
+    sign = torch.randint(0, PRIME, (rows, 4), generator=gen, dtype=torch.int64, device="cpu")
     return SketchHashes(torch.stack([a, b], dim=1), sign)
 
 

@@ -644,34 +644,6 @@ def test_levels_script_writes_its_csv_figure_and_summary(tmp_path):
     assert (tmp_path / "summary.txt").read_text().count("all compressed steps") == 4
 
 
-# --- devices ------------------------------------------------------------------------------------------
-def test_every_collective_gets_transport_device_tensors(tmp_path):
-    """No tensor of the exchange (headers, envelopes, norms), the exact start, the checkpoint or the
-    consistency check is made on the default device (meta here, as a CPU tensor would be on an NCCL
-    run); a skipped step (non-finite gradient) included."""
-    from deepspeed_cdadam.comm.transport import control_device
-
-    def run(rank, transport):
-        init = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(n, generator=init)) for n in (40, 9)]
-        gen = torch.Generator().manual_seed(rank)
-        opt = AdaCGD(params, lr=1e-2, ratios=(0.1, 0.5), transport=transport, nonfinite_grads="skip",
-                     consistency_check_every=1)  # fmt: skip
-        with torch.device("meta"):
-            for step in range(6):
-                for p in params:
-                    p.grad = torch.randn(p.shape, generator=gen, device="cpu")
-                if step == 3 and rank == 1:
-                    params[0].grad[3] = float("inf")
-                opt.step()
-            save_rank_state(opt, str(tmp_path))
-            assert load_rank_state(opt, str(tmp_path))
-        assert opt.skipped_steps == 1 and control_device(transport) == torch.device("cpu")
-        return opt.completed_steps()
-
-    assert InProcessWorld(2).run(run) == [5, 5]
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_the_reference():

@@ -22,7 +22,7 @@ from deepspeed_cdadam.simulate import per_coordinate
 from deepspeed_cdadam.state import PER_RANK, keys_with_scope
 from deepspeed_cdadam.types import EXP_AVG, EXP_AVG_ABS, MAX_EXP_AVG_ABS
 from tests.distributed import spawn
-from tests.harness import GROUP_SHAPES, NO_GRAD, gradient, initial_groups, max_abs_diff
+from tests.harness import GROUP_SHAPES, gradient, initial_groups, max_abs_diff, train_on_groups
 
 STEPS = 12
 #: Per group: lr, beta, weight decay (two groups in one bucket, one parameter without gradients).
@@ -32,24 +32,7 @@ SIZES = [sum(torch.Size(s).numel() for s in shapes) for shapes in GROUP_SHAPES]
 
 def run_birder(rank, transport, steps=STEPS, dtype=torch.float64, **kwargs):
     """Birder on the harness's two groups (38 + 15 coordinates); the flat parameters after each step."""
-    params, groups = [], []
-    for gi, (shapes, x0) in enumerate(zip(GROUP_SHAPES, initial_groups(dtype))):
-        ps = [
-            torch.nn.Parameter(t.reshape(s).clone())
-            for t, s in zip(x0.split([torch.Size(s).numel() for s in shapes]), shapes)
-        ]
-        params.append(ps)
-        groups.append({"params": ps, **GROUPS[gi]})
-    opt = Birder(groups, transport=transport, **kwargs)
-    history = []
-    for t in range(1, steps + 1):
-        for gi, ps in enumerate(params):
-            g = gradient(gi, rank, t, torch.cat([p.detach().reshape(-1) for p in ps]))
-            for pi, (p, gp) in enumerate(zip(ps, g.split([p.numel() for p in ps]))):
-                p.grad = None if (gi, pi) == NO_GRAD else gp.reshape(p.shape).clone()
-        opt.step()
-        history.append([torch.cat([p.detach().reshape(-1) for p in ps]) for ps in params])
-    return history, opt
+    return train_on_groups(lambda groups: Birder(groups, transport=transport, **kwargs), rank, steps, GROUPS, dtype)
 
 
 def reference_history(ref, world_size, steps=STEPS):

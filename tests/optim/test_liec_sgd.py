@@ -591,33 +591,6 @@ def test_reference_buckets_come_from_torch():
     assert take_tensors_buckets(SIZES, None, torch.float64) == [slice(0, 53)]
 
 
-# --- devices ------------------------------------------------------------------------------------------
-def test_every_collective_gets_transport_device_tensors(tmp_path, monkeypatch):
-    """No tensor of the exchange, the averaging step, the checkpoint or the consistency check is made
-    on the default device (meta here, as a CPU tensor would be on an NCCL run); a skipped step included."""
-    from deepspeed_cdadam.comm.transport import control_device
-
-    def run(rank, transport):
-        init = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(40, generator=init)), torch.nn.Parameter(torch.randn(9, generator=init))]
-        gen = torch.Generator().manual_seed(rank)
-        opt = LIECSGD(params, lr=1e-2, momentum=0.9, average_period=2, bucket_size=64, transport=transport,
-                      nonfinite_grads="skip", consistency_check_every=1)  # fmt: skip
-        with torch.device("meta"):
-            for step in range(5):
-                for p in params:
-                    p.grad = torch.randn(p.shape, generator=gen, device="cpu")
-                if step == 2 and rank == 1:
-                    params[0].grad[3] = float("inf")
-                opt.step()
-            save_rank_state(opt, str(tmp_path))
-            assert load_rank_state(opt, str(tmp_path))
-        assert opt.skipped_steps == 1 and control_device(transport) == torch.device("cpu")
-        return opt.completed_steps()
-
-    assert InProcessWorld(2).run(run) == [4, 4]
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_the_reference():

@@ -23,7 +23,7 @@ from deepspeed_cdadam.sketch_exchange import CountSketchExchange
 from deepspeed_cdadam.state import PER_RANK, RANK_IDENTICAL, keys_with_scope
 from deepspeed_cdadam.types import EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, WORKER_ERROR
 from tests.distributed import spawn
-from tests.harness import GROUP_SHAPES, NO_GRAD, gradient, initial_groups, max_abs_diff
+from tests.harness import GROUP_SHAPES, gradient, initial_groups, max_abs_diff, train_on_groups
 
 STEPS = 10
 #: Per group (two groups in one bucket of 38 + 15 coordinates, one parameter without gradients).
@@ -44,24 +44,7 @@ SETTINGS = {
 
 def run_sketched(rank, transport, steps=STEPS, dtype=torch.float64, **kwargs):
     """SketchedAMSGrad on the harness's two groups; the flat parameters of each group after each step."""
-    params, groups = [], []
-    for gi, (shapes, x0) in enumerate(zip(GROUP_SHAPES, initial_groups(dtype))):
-        ps = [
-            torch.nn.Parameter(t.reshape(s).clone())
-            for t, s in zip(x0.split([torch.Size(s).numel() for s in shapes]), shapes)
-        ]
-        params.append(ps)
-        groups.append({"params": ps, **GROUPS[gi]})
-    opt = SketchedAMSGrad(groups, transport=transport, **kwargs)
-    history = []
-    for t in range(1, steps + 1):
-        for gi, ps in enumerate(params):
-            g = gradient(gi, rank, t, torch.cat([p.detach().reshape(-1) for p in ps]))
-            for pi, (p, gp) in enumerate(zip(ps, g.split([p.numel() for p in ps]))):
-                p.grad = None if (gi, pi) == NO_GRAD else gp.reshape(p.shape).clone()
-        opt.step()
-        history.append([torch.cat([p.detach().reshape(-1) for p in ps]) for ps in params])
-    return history, opt
+    return train_on_groups(lambda groups: SketchedAMSGrad(groups, transport=transport, **kwargs), rank, steps, GROUPS, dtype)
 
 
 def reference(world_size, dtype=torch.float64, **settings):
