@@ -77,9 +77,8 @@ def time_methods(numel: int, repeats: int, methods: tuple[str, ...] = METHODS, t
         else:
             scheme, comp, block, scope = _COMPRESSED[method]
             stats = CommStats()
-            ex = make_exchange(
-                scheme, transport, ShardLayout(numel, world, block), get_compressor(comp), stats, 0, scope
-            )
+            compressor = get_compressor(comp, worker_scale_scope=scope)
+            ex = make_exchange(scheme, transport, ShardLayout(numel, world, block), compressor, stats, 0)
             state: dict = {}
             ex.init_state(state, torch.zeros(numel))
             steps = [0]

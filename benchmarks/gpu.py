@@ -82,7 +82,8 @@ def exchange_rows(numel: int, device: torch.device, repeats: int) -> list[dict]:
     rows = [{"part": "exchange", "numel": numel, "method": "device copy", "piece": "copy", "seconds": copy_s}]
     del copy_into
     for name, (scheme, comp, block, scope) in SCHEMES.items():
-        ex = make_exchange(scheme, transport, ShardLayout(numel, 1, block), get_compressor(comp), CommStats(), 0, scope)
+        compressor = get_compressor(comp, worker_scale_scope=scope)
+        ex = make_exchange(scheme, transport, ShardLayout(numel, 1, block), compressor, CommStats(), 0)
         state: dict = {}
         ex.init_state(state, torch.zeros(numel, device=device))
         step = [0]

@@ -99,8 +99,8 @@ def main() -> None:
 
     # 1-bit Adam's worker step (upstream OnebitAdam: sign_l2, one scale for the whole buffer)
     onebit = ShardLayout(n, 1, None)
-    ef_eager = make_exchange("error_feedback", transport, onebit, ScaledSignL2(), None, 0, "tensor")
-    ef_fused = make_exchange("error_feedback", transport, onebit, ScaledSignL2(), None, 0, "tensor")
+    ef_eager = make_exchange("error_feedback", transport, onebit, ScaledSignL2(worker_scale_scope="tensor"))
+    ef_fused = make_exchange("error_feedback", transport, onebit, ScaledSignL2(worker_scale_scope="tensor"))
     assert isinstance(ef_fused, ErrorFeedbackExchange) and ef_fused.uses_fused_kernel(g, h)
     e_eager, e_fused = h.clone(), h.clone()
     wire_eager = eager_error_feedback_step(g, e_eager, ef_eager)

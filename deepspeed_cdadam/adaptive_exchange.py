@@ -113,7 +113,6 @@ class AdaptiveThreePointExchange(CompressedExchange):
         compressor: Compressor,
         stats: CommStats | None = None,
         seed: int = 0,
-        worker_scale_scope: str = "block",
         *,
         zeta: float = 1.0,
     ) -> None:
@@ -126,7 +125,7 @@ class AdaptiveThreePointExchange(CompressedExchange):
             raise ValueError("exchange='adaptive_3pc' takes a ShardLayout (top-k ignores scale blocks).")
         if isinstance(zeta, bool) or not isinstance(zeta, (int, float)) or not math.isfinite(zeta) or zeta < 0:
             raise ValueError(f"Invalid zeta={zeta!r}. Must be a finite number >= 0.0.")
-        super().__init__(transport, layout, compressor, stats, seed, worker_scale_scope)
+        super().__init__(transport, layout, compressor, stats, seed)
         self.compressor: NestedTopK = compressor
         self.zeta = float(zeta)
         #: What the last step chose (``LevelRecord``); None before the first.

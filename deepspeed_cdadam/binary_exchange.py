@@ -166,10 +166,9 @@ class BinaryExchange(CompressedExchange):
         compressor: Compressor,
         stats: CommStats | None = None,
         seed: int = 0,
-        worker_scale_scope: str = "block",
     ) -> None:
         _check_compressor(compressor)
-        super().__init__(transport, layout, compressor, stats, seed, worker_scale_scope)
+        super().__init__(transport, layout, compressor, stats, seed)
 
     def exchange(self, x: torch.Tensor, state: dict, *, step: int, group: int = 0) -> torch.Tensor:
         lay, n, me = self.layout, self.layout.world_size, self.rank

@@ -28,9 +28,11 @@ from .comm.transport import DEFAULT_TIMEOUT_S
 from .comm.layout import PADDED_SCALE_BLOCKS, SCALE_BLOCKS as SCALE_BLOCK_CHOICES
 from .compressors.base import Compressor
 from .compressors.adaptive_topk import NestedTopK, check_ratios, ratios_must_be
+from .compressors.binary import StochasticSign
 from .compressors.count_sketch import CountSketch
 from .compressors.registry import COMPRESSOR_NAMES, get_compressor
-from .exchange import EXCHANGES, WORKER_SCALE_SCOPES, check_worker_scale_scope
+from .compressors.sign import WORKER_SCALE_SCOPES
+from .exchange import EXCHANGES
 from .hierarchical_exchange import HIERARCHIES
 from .optim.safety import NONFINITE_POLICIES
 
@@ -228,6 +230,12 @@ def spec_of(config_cls: type, name: str) -> Spec:
     return found.metadata[SPEC]
 
 
+def default_of(config_cls: type, name: str) -> Any:
+    """The default of field ``name`` (a subclass's ``redefault`` included)."""
+    (found,) = (f for f in fields(config_cls) if f.name == name)
+    return found.default
+
+
 def field_names(config_cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in fields(config_cls))
 
@@ -260,7 +268,8 @@ CONSISTENCY_CHECK_EVERY = Int(
 )
 WORKER_SCALE_SCOPE = Choice(
     "'block': a worker scale per block; 'tensor': one per worker buffer, or with scale_blocks 'tensor' / "
-    "'tensor_padded' one per parameter tensor (upstream OnebitAdam)",
+    "'tensor_padded' one per parameter tensor (upstream OnebitAdam); a setting of the scaled-sign compressor "
+    "the optimizer builds (a Compressor instance carries its own: this key, unless left at its default, must agree)",
     WORKER_SCALE_SCOPES,
 )
 SCALE_BLOCKS = Choice(
@@ -416,7 +425,16 @@ class AdamConfig(CommonConfig):
     def _check_together(self) -> None:
         super()._check_together()
         object.__setattr__(self, "betas", tuple(self.betas))  # JSON gives a list
-        check_worker_scale_scope(self.worker_scale_scope, self.build_compressor())  # 'tensor' needs a scaled sign
+        self.build_compressor()  # 'tensor' needs a scaled sign; an instance's own scope must agree
+
+    def build_compressor(self) -> Compressor:
+        """The compressor, with ``worker_scale_scope`` (a setting of the scaled-sign compressors,
+        ``compressors.sign``). A ``Compressor`` instance carries its own scope: the keyword left at its
+        default defers to it, any other value must agree with it."""
+        scope: str | None = self.worker_scale_scope
+        if isinstance(self.compressor, Compressor) and scope == default_of(type(self), "worker_scale_scope"):
+            scope = None
+        return get_compressor(self.compressor, worker_scale_scope=scope)
 
 
 HIERARCHY = Choice(
@@ -450,10 +468,9 @@ class NodeHierarchyOptions(_Checked):
         # the node-level exchange shards each node's part into plain blocks, one worker scale per block
         if getattr(self, "scale_blocks", "fixed") != "fixed":
             raise ValueError(f"Invalid scale_blocks={self.scale_blocks!r} with hierarchy='node'. Allowed: fixed.")
-        if getattr(self, "worker_scale_scope", "block") != "block":
-            raise ValueError(
-                f"Invalid worker_scale_scope={self.worker_scale_scope!r} with hierarchy='node'. Allowed: block."
-            )
+        scope = self.build_compressor().worker_scale_scope  # type: ignore[attr-defined] - every user's config has it
+        if scope != "block":
+            raise ValueError(f"Invalid worker_scale_scope={scope!r} with hierarchy='node'. Allowed: block.")
         if getattr(self, "exchange", None) == "none":
             raise ValueError(
                 "Invalid exchange='none' with hierarchy='node': the exact all-reduce has no compressed level. "
@@ -700,6 +717,11 @@ class LIECSGDConfig(CommonConfig):
                 f"Invalid scale_blocks={self.scale_blocks!r} for LIECSGD. Allowed: fixed (its scale buckets are "
                 "set by bucket_size)."
             )
+        if self.build_compressor().worker_scale_scope != "block":
+            raise ValueError(
+                f"Invalid compressor={self.compressor!r} for LIECSGD: its worker_scale_scope must be 'block' (one "
+                "scale per scale bucket, set by bucket_size)."
+            )
 
 
 BIRDER_LR = Number("step size eta: a coordinate moves by at most lr per step (plus weight decay)", ge=0.0, finite=True)
@@ -739,6 +761,9 @@ class BirderConfig(NodeHierarchyOptions):
     def param_group_defaults(self) -> dict[str, Any]:
         """The ``defaults`` of ``torch.optim.Optimizer``: the fields a parameter group may override."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata[PARAM_GROUP]}
+
+    def build_compressor(self) -> StochasticSign:
+        return StochasticSign()
 
 
 @dataclass(frozen=True)

@@ -48,21 +48,12 @@ from .comm.accounting import CommStats, all_gather_bytes_sent, all_reduce_bytes_
 from .comm.layout import ShardLayout
 from .comm.transport import Transport
 from .compressors.base import Compressor
+from .compressors.registry import raise_tensor_needs_scaled_sign
 from .compressors.sign import ScaledSign
 from .state import FULL, PER_RANK, RANK_IDENTICAL, SHARD, StateSpec
 from .types import DOWN_MARKOV_STATE, MARKOV_STATE, SERVER_ERROR, SERVER_MARKOV_STATE, WORKER_ERROR
 
 _UP, _DOWN = 0, 1
-
-
-WORKER_SCALE_SCOPES = ("block", "tensor")
-
-
-def check_worker_scale_scope(scope: object, compressor: Compressor | None) -> None:
-    if scope not in WORKER_SCALE_SCOPES:
-        raise ValueError(f"Invalid worker_scale_scope={scope!r}. Allowed: {', '.join(WORKER_SCALE_SCOPES)}.")
-    if scope == "tensor" and not isinstance(compressor, ScaledSign):
-        raise ValueError("worker_scale_scope='tensor' needs a scaled-sign compressor ('scaled_sign' or 'sign_l2').")
 
 
 def tensor_scale(compressor: Compressor, x: torch.Tensor) -> torch.Tensor:
@@ -176,10 +167,10 @@ class CompressedExchange(Exchange):
         compressor: Compressor,
         stats: CommStats | None = None,
         seed: int = 0,
-        worker_scale_scope: str = "block",
     ) -> None:
         super().__init__(transport, layout, stats)
-        check_worker_scale_scope(worker_scale_scope, compressor)
+        if compressor.worker_scale_scope != "block" and not isinstance(compressor, ScaledSign):
+            raise_tensor_needs_scaled_sign(compressor)
         if compressor.max_numel is not None and layout.capacity > compressor.max_numel:
             raise ValueError(
                 f"A server shard of {layout.capacity} coordinates is too long for compressor {compressor.name!r} "
@@ -188,7 +179,12 @@ class CompressedExchange(Exchange):
             )
         self.compressor = compressor
         self.seed = seed
-        self.worker_scale_scope = worker_scale_scope
+
+    @property
+    def worker_scale_scope(self) -> str:
+        """The compressor's setting (``compressors.sign``): "block", or "tensor" (one worker scale per
+        tensor or whole buffer, ``worker_scales``)."""
+        return self.compressor.worker_scale_scope
 
     def _wire_nbytes(self, dtype: torch.dtype) -> int:
         return self.compressor.wire_nbytes(self.layout.capacity, self.layout.max_blocks, dtype)
@@ -231,13 +227,29 @@ class CompressedExchange(Exchange):
             local.append(c)
         return torch.cat(wires), torch.cat(local)
 
+    def encode_up_into(self, x: torch.Tensor, out: torch.Tensor, *, step: int, group: int) -> torch.Tensor:
+        """``encode_up`` writing ``C(x)`` shard by shard into ``out`` (which may be ``x`` itself: each
+        shard is read before it is written) instead of a new full-length tensor; returns the messages."""
+        lay, n, me = self.layout, self.layout.world_size, self.rank
+        scales = worker_scales(self.compressor, x, lay) if self.worker_scale_scope == "tensor" else [None] * n
+        wires = []
+        for j in range(n):
+            seed = shared_seed(self.seed, step, group, _UP, j, me)
+            wire, c = self._encode(x[lay.shard_slice(j)], j, seed, scales[j])
+            out[lay.shard_slice(j)] = c
+            wires.append(wire)
+        return torch.cat(wires)
+
     def receive_up(self, send: torch.Tensor, dtype: torch.dtype, *, step: int, group: int) -> torch.Tensor:
-        """The ``all_to_all`` of this worker's wire messages (shard after shard); returns ``mean_i C(x_i)`` on this rank's shard."""
+        """The ``all_to_all`` of this worker's wire messages (shard after shard); returns ``mean_i C(x_i)`` on
+        this rank's shard, summed in rank order as each message is decoded (``mean_in_rank_order``'s bits)."""
         n, me = self.layout.world_size, self.rank
         recv = self.transport.all_to_all(send).view(n, -1)
-        pieces = [self._decode(recv[i], me, dtype, shared_seed(self.seed, step, group, _UP, me, i)) for i in range(n)]
+        total = self._decode(recv[0], me, dtype, shared_seed(self.seed, step, group, _UP, me, 0))
+        for i in range(1, n):
+            total += self._decode(recv[i], me, dtype, shared_seed(self.seed, step, group, _UP, me, i))
         self._count(_UP, send.numel(), self._wire_nbytes(dtype))
-        return mean_in_rank_order(pieces)
+        return total.div_(n)
 
     def _count(self, direction: int, handed: int, width: int) -> None:
         """Bytes of one collective: up = all_to_all of ``width``-byte messages, down = all_gather of one."""
@@ -265,6 +277,23 @@ class CompressedExchange(Exchange):
         )
         self._count(_DOWN, wire.numel(), wire.numel())
         return mine, full
+
+    def send_down_into(
+        self, shard_vec: torch.Tensor, out: torch.Tensor, *, step: int, group: int, add: bool
+    ) -> torch.Tensor:
+        """``send_down`` decoding every shard straight into ``out`` (``out += C`` with ``add``, else
+        ``out = C``) instead of a new full-length tensor; returns ``C(shard_vec)`` on this shard."""
+        n, me, lay = self.layout.world_size, self.rank, self.layout
+        wire, mine = self._encode(shard_vec, me, shared_seed(self.seed, step, group, _DOWN, me, me))
+        recv = self.transport.all_gather(wire).view(n, -1)
+        for j in range(n):
+            c = self._decode(recv[j], j, shard_vec.dtype, shared_seed(self.seed, step, group, _DOWN, j, j))
+            if add:
+                out[lay.shard_slice(j)] += c
+            else:
+                out[lay.shard_slice(j)] = c
+        self._count(_DOWN, wire.numel(), wire.numel())
+        return mine
 
     def server_slice(self) -> slice:
         return self.layout.shard_slice(self.rank)
@@ -367,16 +396,16 @@ class MarkovExchange(CompressedExchange):
         fused = self.run_kernel(x, (h, ghat, gtil), step=step, group=group)  # kernels.registry
         if fused is not None:
             return fused
-        # (1) worker i: c_i = C(g_i - h_i), sent to the servers
-        c_local, mean_c = self.send_up(x - h, step=step, group=group)
+        # (1) worker i: c_i = C(g_i - h_i), sent to the servers (c_i written over the one temporary g_i - h_i)
+        d = x - h
+        send = self.encode_up_into(d, d, step=step, group=group)
         # (2) worker i: h_i <- h_i + c_i
-        h += c_local
+        h += d
+        del d
         # (3) server: ghat <- ghat + mean_i c_i
-        ghat += mean_c
-        # (4) server: ctil = C(ghat - gtil), sent to every worker
-        _, ctil = self.send_down(ghat - gtil[self.server_slice()], step=step, group=group)
-        # (5) worker i: gtil <- gtil + ctil
-        gtil += ctil
+        ghat += self.receive_up(send, x.dtype, step=step, group=group)
+        # (4) server: ctil = C(ghat - gtil), sent to every worker; (5) worker i: gtil <- gtil + ctil, shard by shard
+        self.send_down_into(ghat - gtil[self.server_slice()], gtil, step=step, group=group, add=True)
         return gtil
 
 
@@ -402,15 +431,20 @@ class ErrorFeedbackExchange(CompressedExchange):
         fused = self.run_kernel(x, (e, ebar), step=step, group=group)  # kernels.registry
         if fused is not None:
             return fused
-        # (1) worker i: p_i = x_i + e_i; c_i = C(p_i); e_i <- p_i - c_i
+        # (1) worker i: p_i = x_i + e_i; c_i = C(p_i) (written into e_i); e_i <- p_i - c_i
         p = x + e
-        c_local, mean_c = self.send_up(p, step=step, group=group)
-        torch.sub(p, c_local, out=e)
+        send = self.encode_up_into(p, e, step=step, group=group)
+        torch.sub(p, e, out=e)
+        del p
+        mean_c = self.receive_up(send, x.dtype, step=step, group=group)
         # (2) server: q = mean_i c_i + ebar; ctil = C(q); ebar <- q - ctil
         q = mean_c + ebar
-        c_server, ctil = self.send_down(q, step=step, group=group)
+        out = self._out if self._out is not None and self._out.shape == x.shape and self._out.dtype == x.dtype else None
+        if out is None or out.device != x.device:
+            out = self._out = torch.empty_like(x)
+        c_server = self.send_down_into(q, out, step=step, group=group, add=False)
         torch.sub(q, c_server, out=ebar)
-        return ctil
+        return out
 
 
 class NaiveExchange(CompressedExchange):
@@ -453,9 +487,8 @@ def make_exchange(
     compressor: Compressor | None,
     stats: CommStats | None = None,
     seed: int = 0,
-    worker_scale_scope: str = "block",
 ) -> Exchange:
-    """Build the scheme registered under ``name``."""
+    """Build the scheme registered under ``name`` (the worker scale scope is the compressor's setting)."""
     cls = EXCHANGES.get(name)
     if cls is None:
         raise ValueError(f"Unknown exchange={name!r}. Allowed: {', '.join(EXCHANGE_NAMES)}.")
@@ -464,7 +497,7 @@ def make_exchange(
     elif compressor is None:
         raise ValueError(f"exchange={name!r} needs a compressor.")
     else:
-        made = cls(transport, layout, compressor, stats, seed, worker_scale_scope)
+        made = cls(transport, layout, compressor, stats, seed)
     if layout.permuted:  # a TensorLayout: run in layout space (permuted_exchange)
         from .permuted_exchange import PermutedExchange  # noqa: PLC0415 - it imports this module
 

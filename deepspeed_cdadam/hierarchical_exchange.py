@@ -53,7 +53,6 @@ class NodeExchangeSettings:
     stats: CommStats  # the optimizer's total
     seed: int = 0
     block_size: int | None = None
-    worker_scale_scope: str = "block"
 
 
 def node_level_specs(specs: tuple[StateSpec, ...]) -> tuple[StateSpec, ...]:
@@ -119,10 +118,9 @@ class NodeHierarchy:
         stats: CommStats,
         seed: int,
         block_size: int | None,
-        worker_scale_scope: str,
     ) -> Exchange:
         """Scheme ``name``'s node-level exchange for a bucket of ``numel`` coordinates (``make_node_exchange``)."""
-        settings = NodeExchangeSettings(compressor, stats, seed, block_size, worker_scale_scope)
+        settings = NodeExchangeSettings(compressor, stats, seed, block_size)
         return make_node_exchange(self.node_groups(transport, stats), name, numel, settings)
 
     @staticmethod
@@ -174,7 +172,6 @@ class HierarchicalExchange(Exchange):
             settings.compressor,
             groups.inter_stats,
             settings.seed,
-            settings.worker_scale_scope,
         )
         return cls(groups, inner, numel, settings.stats)
 

@@ -148,7 +148,6 @@ class ImmediateCompensationExchange(CompressedExchange):
         compressor: Compressor,
         stats: CommStats | None = None,
         seed: int = 0,
-        worker_scale_scope: str = "block",
     ) -> None:
         if not isinstance(layout, ScaleBucketLayout):  # a plain layout: the whole buffer is one scale bucket
             if layout.permuted or layout.block_size is not None:
@@ -158,11 +157,12 @@ class ImmediateCompensationExchange(CompressedExchange):
                 )
             sizes = (layout.numel,) if layout.numel else ()
             layout = ScaleBucketLayout(layout.numel, layout.world_size, bucket_sizes=sizes)
-        if worker_scale_scope != "block":
+        if compressor.worker_scale_scope != "block":
             raise ValueError(
-                "The immediate_compensation exchange takes its scales per scale bucket: no worker_scale_scope."
+                f"The immediate_compensation exchange takes its scales per scale bucket: compressor={compressor!r} "
+                "must have worker_scale_scope='block'."
             )
-        super().__init__(transport, layout, compressor, stats, seed, worker_scale_scope)
+        super().__init__(transport, layout, compressor, stats, seed)
         self.layout: ScaleBucketLayout = layout
         self.scale_kind = bucket_scale_kind(compressor)
         self._block_index: dict[tuple[int, str], torch.Tensor] = {}  # shard, device -> scale bucket of each block

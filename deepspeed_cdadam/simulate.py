@@ -87,14 +87,15 @@ class Reference(ABC):
         self.compressor = get_compressor(compressor) if compressor is not None else None
         self.t = 0
         self.group = 0
-        self.worker_scale_scope = "block"  # or "tensor": one worker scale for the whole vector (or per tensor)
         self.bits_up = 0
         self.bits_down = 0
 
     def C_up(self, v: torch.Tensor, worker: int) -> torch.Tensor:
         assert self.compressor is not None
         self.bits_up += self._bits()
-        scales = worker_scales(self.compressor, v, self.layout) if self.worker_scale_scope == "tensor" else None
+        # the compressor's worker_scale_scope "tensor": one worker scale for the whole vector (or per tensor)
+        tensor_scope = self.compressor.worker_scale_scope == "tensor"
+        scales = worker_scales(self.compressor, v, self.layout) if tensor_scope else None
         return compress_by_shard(
             self.compressor, v, self.layout, step=self.t, group=self.group, direction=_UP, sender=worker, scales=scales
         )

@@ -66,7 +66,6 @@ class CountSketchExchange(CompressedExchange):
         compressor: Compressor,
         stats: CommStats | None = None,
         seed: int = 0,
-        worker_scale_scope: str = "block",
     ) -> None:
         if not isinstance(compressor, CountSketch):
             raise ValueError(
@@ -78,7 +77,7 @@ class CountSketchExchange(CompressedExchange):
                 f"A bucket of {layout.numel} coordinates is too long for a count sketch (at most "
                 f"{compressor.max_numel}: coordinates are hashed as residues of 2^31 - 1)."
             )
-        super().__init__(transport, layout, compressor, stats, seed, worker_scale_scope)
+        super().__init__(transport, layout, compressor, stats, seed)
         self.compressor: CountSketch = compressor
         #: P (Sketched-SGD's p2): 0, one round; P >= 1, a second round for the exact values of P k candidates.
         self.candidate_factor = 0

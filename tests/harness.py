@@ -13,7 +13,7 @@ import torch
 
 from deepspeed_cdadam import EF21, CDAdam, OneBitAdam, ShardLayout
 from deepspeed_cdadam.comm.layout import make_layout
-from deepspeed_cdadam.compressors import get_compressor
+from deepspeed_cdadam.compressors import ScaledSignL1, ScaledSignL2, get_compressor
 from deepspeed_cdadam.simulate import (
     AMSGradReference,
     CDAdamReference,
@@ -46,13 +46,13 @@ CASES = {
         OneBitAdam,
         {"freeze_step": 5, "worker_scale_scope": "tensor"},
         OneBitAdamReference,
-        {"freeze_step": 5, "worker_scale_scope": "tensor"},
+        {"freeze_step": 5, "compressor": ScaledSignL2(worker_scale_scope="tensor")},
     ),
     "cdadam_tensor_scale": (
         CDAdam,
         {"worker_scale_scope": "tensor"},
         CDAdamReference,
-        {"worker_scale_scope": "tensor"},
+        {"compressor": ScaledSignL1(worker_scale_scope="tensor")},
     ),
     "ef21_topk": (EF21, {"compressor": "topk"}, EF21Reference, {"compressor": "topk"}),
     # scale blocks along the parameter tensors (comm.layout.TensorLayout): permuted, and padded as upstream
@@ -60,14 +60,14 @@ CASES = {
         OneBitAdam,
         {"freeze_step": 5, "worker_scale_scope": "tensor", "scale_blocks": "tensor_padded"},
         OneBitAdamReference,
-        {"freeze_step": 5, "worker_scale_scope": "tensor", "scale_blocks": "tensor_padded"},
+        {"freeze_step": 5, "compressor": ScaledSignL2(worker_scale_scope="tensor"), "scale_blocks": "tensor_padded"},
     ),
     "cdadam_tensor_blocks": (CDAdam, {"scale_blocks": "tensor"}, CDAdamReference, {"scale_blocks": "tensor"}),
     "cdadam_tensor_padded_tensor_scale": (
         CDAdam,
         {"scale_blocks": "tensor_padded", "worker_scale_scope": "tensor"},
         CDAdamReference,
-        {"scale_blocks": "tensor_padded", "worker_scale_scope": "tensor"},
+        {"scale_blocks": "tensor_padded", "compressor": ScaledSignL1(worker_scale_scope="tensor")},
     ),
     "ef_tensor_padded": (
         CDAdam,
@@ -181,7 +181,6 @@ def run_reference(case: str, world_size: int, steps: int, dtype=torch.float64, b
     """The reference on the one bucket both groups form; returns the iterates split by group."""
     _, _, ref_cls, kwargs = CASES[case]
     kwargs = dict(kwargs)
-    scope = kwargs.pop("worker_scale_scope", "block")
     scale_blocks = kwargs.pop("scale_blocks", "fixed")
     x0s = initial_groups(dtype)
     sizes = [x.numel() for x in x0s]
@@ -191,7 +190,6 @@ def run_reference(case: str, world_size: int, steps: int, dtype=torch.float64, b
     layout = make_layout(tensor_sizes, world_size, block_size, scale_blocks)
     ref = ref_cls(x0, world_size, layout, **hparams, **_compressor(kwargs))
     ref.group = 0  # the bucket's index
-    ref.worker_scale_scope = scope
     history = []
     for t in range(1, steps + 1):
         grads = [

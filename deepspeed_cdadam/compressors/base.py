@@ -62,6 +62,12 @@ class Compressor(ABC):
     randomness: str = "none"
     payload_size: str = "fixed"
 
+    @property
+    def worker_scale_scope(self) -> str:
+        """Which scale a worker's message up takes: "block" (each block its own, or no scale at all);
+        only the scaled-sign compressors take "tensor" (``compressors.sign``)."""
+        return "block"
+
     @abstractmethod
     def compress(self, x: torch.Tensor, block_sizes: Sequence[int], *, seed: int = 0) -> Compressed:
         """Compress a 1-D tensor. ``seed`` feeds shared randomness (rand-k)."""

@@ -8,6 +8,13 @@ For a block ``x_B`` of ``d_B`` real coordinates (padding excluded), with ``sign(
   Keeps ``||C(x_B)||_2 = ||x_B||_2``.
 
 An empty block has scale 0. Cost: ``d`` bits plus one scale (32 bits in fp32) per block.
+
+Setting ``worker_scale_scope`` (``ScaledSignL2(worker_scale_scope="tensor")``): the scale of a worker's
+message up. ``"block"``: each block its own, the formulas above. ``"tensor"``: one scale over a larger
+vector than the block, applied to every block of it: the worker's whole buffer, or with a tensor layout
+(``scale_blocks`` "tensor" / "tensor_padded") each block its parameter tensor's (upstream OnebitAdam's
+worker side). The exchange computes that scale (``exchange.worker_scales``) and hands it to
+``compress(..., scale=)``; servers' messages down always take each block's own scale.
 """
 
 from __future__ import annotations
@@ -75,13 +82,36 @@ def scaled_sign_l2(x: torch.Tensor, block_sizes: Sequence[int] | None = None) ->
     return _expand(l2_block_scales(x, blocks), blocks) * sign_plus(x)
 
 
+#: Values of the scaled-sign setting ``worker_scale_scope`` (module docstring).
+WORKER_SCALE_SCOPES = ("block", "tensor")
+
+
+def check_worker_scale_scope(scope: object) -> str:
+    """``scope`` if it is one of ``WORKER_SCALE_SCOPES``, else a ValueError naming the key and the allowed values."""
+    if not isinstance(scope, str) or scope not in WORKER_SCALE_SCOPES:
+        raise ValueError(f"Invalid worker_scale_scope={scope!r}. Allowed: {', '.join(WORKER_SCALE_SCOPES)}.")
+    return scope
+
+
 class ScaledSign(Compressor):
     """Shared packing and wire format: ``[packed signs | one scale per block]``.
 
-    Subclasses set ``block_scales``, the per-block scale function.
+    Subclasses set ``block_scales``, the per-block scale function. ``worker_scale_scope``: "block"
+    (each block of a worker's message its own scale) or "tensor" (one scale per tensor or whole buffer,
+    upstream OnebitAdam's; module docstring).
     """
 
     block_scales = staticmethod(l1_block_scales)
+
+    def __init__(self, worker_scale_scope: str = "block") -> None:
+        self._worker_scale_scope = check_worker_scale_scope(worker_scale_scope)
+
+    @property
+    def worker_scale_scope(self) -> str:
+        return self._worker_scale_scope
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(worker_scale_scope={self.worker_scale_scope!r})"
 
     def compress(
         self, x: torch.Tensor, block_sizes: Sequence[int], *, seed: int = 0, scale: torch.Tensor | None = None

@@ -143,7 +143,7 @@ class AdaCGD(CompressedOptimizer):
     ) -> None:
         config = AdaCGDConfig.from_arguments(locals())  # checks every argument (deepspeed_cdadam.config)
         super().__init__(
-            params, config, exchange=AdaptiveThreePointExchange.scheme_name, compressor=config.build_compressor(),
+            params, config, exchange=AdaptiveThreePointExchange.scheme_name,
             transport=transport, process_group=process_group,
         )  # fmt: skip
         self.ratios = config.ratios

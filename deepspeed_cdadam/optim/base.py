@@ -35,7 +35,6 @@ from ..comm.accounting import CommStats
 from ..comm.layout import ShardLayout, make_layout
 from ..comm.transport import TorchDistributedTransport, Transport, check_on_transport_device
 from ..compressors.base import Compressor
-from ..compressors.registry import get_compressor
 from ..exchange import EXCHANGES, Exchange, make_exchange
 from ..hierarchical_exchange import NodeHierarchy
 from ..state import FULL, PER_RANK, RANK_IDENTICAL, StateSpec, keys_with_scope
@@ -116,16 +115,15 @@ class CompressedOptimizer(torch.optim.Optimizer):
         config: Any,
         *,
         exchange: str,
-        compressor: str | Compressor,
         transport: Transport | None,
         process_group: object | None,
     ) -> None:
         """``config``: the subclass's config dataclass (``deepspeed_cdadam.config``), which has checked
-        every argument; its settings are read from it here, once for every optimizer."""
+        every argument; its settings are read from it here, once for every optimizer (the compressor:
+        ``config.build_compressor()``, which carries the worker scale scope)."""
         super().__init__(params, config.param_group_defaults())
         self.config = config
-        self.compressor = get_compressor(compressor)
-        self.worker_scale_scope = getattr(config, "worker_scale_scope", "block")  # EF21 has no scope option
+        self.compressor: Compressor = config.build_compressor()
         self.block_size = config.block_size
         self.scale_blocks = config.scale_blocks  # "fixed", "tensor" or "tensor_padded" (comm.layout.make_layout)
         self.exchange_name = exchange
@@ -199,8 +197,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
         key = (index, name or self.exchange_name)
         if key not in self._exchanges and self.node_hierarchy is not None and key[1] != "none":
             self._exchanges[key] = self.node_hierarchy.make_exchange(  # exact inside node groups, compressed across
-                key[1], numel, self.transport, self.compressor, self.comm_stats, self.seed, self.block_size,
-                self.worker_scale_scope,
+                key[1], numel, self.transport, self.compressor, self.comm_stats, self.seed, self.block_size
             )  # fmt: skip
         if key not in self._exchanges:
             if self.scale_blocks == "fixed" or key[1] == "none":
@@ -211,7 +208,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"Bucket {index} has {sum(sizes)} coordinates, its buffer {numel}.")
                 layout = make_layout(sizes, self.transport.world_size, self.block_size, self.scale_blocks)
             self._exchanges[key] = make_exchange(
-                key[1], self.transport, layout, self.compressor, self.comm_stats, self.seed, self.worker_scale_scope
+                key[1], self.transport, layout, self.compressor, self.comm_stats, self.seed
             )
         return self._exchanges[key]
 

@@ -7,7 +7,6 @@ from typing import Any
 import torch
 
 from ..comm.transport import DEFAULT_TIMEOUT_S, Transport
-from ..compressors.binary import StochasticSign
 from ..config import BirderConfig
 from ..schedule import StepKind
 from ..state import FULL, PER_RANK, StateSpec
@@ -119,7 +118,7 @@ class Birder(CompressedOptimizer):
     ) -> None:
         config = BirderConfig.from_arguments(locals())  # checks every argument (deepspeed_cdadam.config)
         super().__init__(
-            params, config, exchange="binary", compressor=StochasticSign(),
+            params, config, exchange="binary",
             transport=transport, process_group=process_group,
         )  # fmt: skip
 

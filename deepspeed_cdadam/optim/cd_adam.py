@@ -109,7 +109,9 @@ class CDAdam(CompressedOptimizer):
         worker_scale_scope: "block" (each block of each shard its own scale) or "tensor" (one
             scale for the worker's whole flat buffer, or per parameter tensor with
             ``scale_blocks`` "tensor"/"tensor_padded", sent with every shard: upstream OnebitAdam's
-            worker side). The server side always scales per block.
+            worker side). The server side always scales per block. A setting of the scaled-sign
+            compressor (``ScaledSignL1(worker_scale_scope=...)``): a ``Compressor`` instance carries
+            its own, which this keyword, unless left at "block", must equal.
         hierarchy: "flat" (default): one exchange over all ranks; "node": exact fp32 average inside
             each node group, the compressed exchange across node groups only, each local rank on its
             part of the bucket (``hierarchical_exchange``; bytes per level in
@@ -152,7 +154,7 @@ class CDAdam(CompressedOptimizer):
     ) -> None:
         config = CDAdamConfig.from_arguments(locals())  # checks every argument (deepspeed_cdadam.config)
         super().__init__(
-            params, config, exchange=config.exchange, compressor=config.compressor,
+            params, config, exchange=config.exchange,
             transport=transport, process_group=process_group,
         )  # fmt: skip
 

@@ -67,8 +67,8 @@ class EF21(CompressedOptimizer):
         consistency_check_every: int = 0,
     ) -> None:
         config = EF21Config.from_arguments(locals())  # checks every argument (deepspeed_cdadam.config)
-        super().__init__(  # the compressor carries the ratio (default: the paper's for topk / randk)
-            params, config, exchange="markov", compressor=config.build_compressor(),
+        super().__init__(  # config.build_compressor() carries the ratio (default: the paper's for topk / randk)
+            params, config, exchange="markov",
             transport=transport, process_group=process_group,
         )  # fmt: skip
 

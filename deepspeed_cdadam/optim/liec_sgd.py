@@ -147,7 +147,7 @@ class LIECSGD(CompressedOptimizer):
     ) -> None:
         config = LIECSGDConfig.from_arguments(locals())  # checks every argument (deepspeed_cdadam.config)
         super().__init__(
-            params, config, exchange=ImmediateCompensationExchange.scheme_name, compressor=config.compressor,
+            params, config, exchange=ImmediateCompensationExchange.scheme_name,
             transport=transport, process_group=process_group,
         )  # fmt: skip
         self.average_period = config.average_period

@@ -92,7 +92,7 @@ class OneBitAdam(CompressedOptimizer):
     ) -> None:
         config = OneBitAdamConfig.from_arguments(locals())  # checks every argument (deepspeed_cdadam.config)
         super().__init__(
-            params, config, exchange="error_feedback", compressor=config.compressor,
+            params, config, exchange="error_feedback",
             transport=transport, process_group=process_group,
         )  # fmt: skip
         self.freeze_step = config.freeze_step

@@ -189,7 +189,7 @@ class OneBitLamb(CompressedOptimizer):
     ) -> None:
         config = OneBitLambConfig.from_arguments(locals())  # checks every argument (deepspeed_cdadam.config)
         super().__init__(
-            params, config, exchange="error_feedback", compressor=config.compressor,
+            params, config, exchange="error_feedback",
             transport=transport, process_group=process_group,
         )  # fmt: skip
         self.freeze_step = config.freeze_step

@@ -143,7 +143,7 @@ class SketchedAMSGrad(CompressedOptimizer):
     ) -> None:
         config = SketchedAMSGradConfig.from_arguments(locals())  # checks every argument (deepspeed_cdadam.config)
         super().__init__(
-            params, config, exchange="count_sketch", compressor=config.build_compressor(),
+            params, config, exchange="count_sketch",
             transport=transport, process_group=process_group,
         )  # fmt: skip
         self.candidate_factor = config.candidate_factor

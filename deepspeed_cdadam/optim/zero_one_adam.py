@@ -125,7 +125,7 @@ class ZeroOneAdam(CompressedOptimizer):
     ) -> None:
         config = ZeroOneAdamConfig.from_arguments(locals())  # checks every argument (deepspeed_cdadam.config)
         super().__init__(
-            params, config, exchange="error_feedback", compressor=config.compressor,
+            params, config, exchange="error_feedback",
             transport=transport, process_group=process_group,
         )  # fmt: skip
         self.var_freeze_step = config.var_freeze_step

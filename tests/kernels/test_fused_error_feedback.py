@@ -30,7 +30,7 @@ def _run(layout, compressor, scope, dtype, steps=5):
     """Per rank: (messages it sent, results, worker error, server error, whether the fused path ran)."""
 
     def rank_fn(rank, transport):
-        ex = make_exchange("error_feedback", transport, layout, get_compressor(compressor), None, 0, scope)
+        ex = make_exchange("error_feedback", transport, layout, get_compressor(compressor, worker_scale_scope=scope))
         state: dict = {}
         ex.init_state(state, torch.zeros(layout.numel, dtype=dtype))
         sent = []
@@ -129,7 +129,8 @@ def test_l2_block_scales_are_torchs():
 
 def test_result_buffer_is_reused_and_valid_until_the_next_step():
     layout = ShardLayout(4096, 1, None)
-    ex = make_exchange("error_feedback", InProcessWorld(1).transports[0], layout, ScaledSignL2(), None, 0, "tensor")
+    compressor = ScaledSignL2(worker_scale_scope="tensor")
+    ex = make_exchange("error_feedback", InProcessWorld(1).transports[0], layout, compressor)
     state: dict = {}
     ex.init_state(state, torch.zeros(4096))
     first = ex.exchange(torch.randn(4096), state, step=1)

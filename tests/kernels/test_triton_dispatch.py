@@ -16,9 +16,9 @@ from deepspeed_cdadam.kernels import triton_exchange as tx
 RUNNERS = {"markov": "run_markov", "error_feedback": "run_error_feedback"}
 
 
-def _exchange(scheme, layout=ShardLayout(4096, 1, 8), compressor=None, scope="block"):
+def _exchange(scheme, layout=ShardLayout(4096, 1, 8), compressor=None):
     transport = InProcessWorld(layout.world_size).transports[0]
-    ex = make_exchange(scheme, transport, layout, compressor or ScaledSignL1(), worker_scale_scope=scope)
+    ex = make_exchange(scheme, transport, layout, compressor or ScaledSignL1())
     state: dict = {}
     ex.init_state(state, torch.zeros(layout.numel))
     return ex, state
@@ -38,19 +38,19 @@ def on_cuda(monkeypatch):
 
 @pytest.mark.parametrize("scheme", ["markov", "error_feedback"])
 @pytest.mark.parametrize(
-    "layout,compressor,scope",
+    "layout,compressor",
     [
-        (ShardLayout(4096, 1, 8), ScaledSignL1(), "block"),
-        (ShardLayout(4099, 3, None), ScaledSignL2(), "block"),  # one-block shards
-        (ShardLayout(4099, 2, 2048), ScaledSignL2(), "tensor"),
-        (ShardLayout(4099, 2, 24), ScaledSignL1(), "block"),
+        (ShardLayout(4096, 1, 8), ScaledSignL1()),
+        (ShardLayout(4099, 3, None), ScaledSignL2()),  # one-block shards
+        (ShardLayout(4099, 2, 2048), ScaledSignL2(worker_scale_scope="tensor")),
+        (ShardLayout(4099, 2, 24), ScaledSignL1()),
     ],
 )
-def test_cuda_buffers_take_the_triton_path(on_cuda, scheme, layout, compressor, scope):
+def test_cuda_buffers_take_the_triton_path(on_cuda, scheme, layout, compressor):
     """Every rank runs (they agree that triton imports: one all-reduce); the runner is a spy."""
 
     def rank_fn(rank, transport):
-        ex = make_exchange(scheme, transport, layout, compressor, worker_scale_scope=scope)
+        ex = make_exchange(scheme, transport, layout, compressor)
         state: dict = {}
         ex.init_state(state, torch.zeros(layout.numel))
         x = torch.randn(layout.numel)

@@ -84,7 +84,7 @@ def itemsize(dtype):
 
 def exchange_for(layout, norm, scope="block", scheme="markov"):
     return make_exchange(
-        scheme, InProcessWorld(layout.world_size).transports[0], layout, COMPRESSORS[norm](), worker_scale_scope=scope
+        scheme, InProcessWorld(layout.world_size).transports[0], layout, COMPRESSORS[norm](worker_scale_scope=scope)
     )
 
 
@@ -372,7 +372,7 @@ def _run(scheme, norm, scope, layout, steps, use_triton, monkeypatch):
     monkeypatch.setattr(tx, name, lambda *a: calls.append(1) or real(*a))
 
     def rank(r, transport):
-        ex = make_exchange(scheme, transport, layout, COMPRESSORS[norm](), worker_scale_scope=scope)
+        ex = make_exchange(scheme, transport, layout, COMPRESSORS[norm](worker_scale_scope=scope))
         state: dict = {}
         like = torch.zeros(layout.numel, dtype=dtype, device=DEVICE)
         ex.init_state(state, like)

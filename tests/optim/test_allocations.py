@@ -10,6 +10,8 @@ the buffer each way) and per-block scales.
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -22,19 +24,45 @@ N = 1 << 16  # coordinates of the bucket (two parameters of N / 2)
 
 
 class NewTensorBytes(TorchDispatchMode):
-    """Bytes of every tensor an op creates (outputs not sharing an input's storage), by op."""
+    """Bytes of every tensor an op creates (outputs not sharing an input's storage), by op, and the
+    peak of those alive at once: a created storage counts until the last tensor seen on it (itself
+    or a view an op made of it) is freed."""
 
     def __init__(self) -> None:
         super().__init__()
         self.created: list[tuple[str, int]] = []
+        self._holders: dict[int, int] = {}  # storage pointer -> tensors alive on it
+        self._bytes: dict[int, int] = {}
+        self.live = 0
+        self.peak = 0
+
+    def _release(self, ptr: int) -> None:
+        self._holders[ptr] -= 1
+        if self._holders[ptr] == 0:
+            self.live -= self._bytes.pop(ptr)
+            del self._holders[ptr]
+
+    def _hold(self, t: torch.Tensor, ptr: int) -> None:
+        self._holders[ptr] = self._holders.get(ptr, 0) + 1
+        weakref.finalize(t, self._release, ptr)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         out = func(*args, **kwargs)
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                self.created.append((str(func), t.untyped_storage().nbytes()))
+            if not isinstance(t, torch.Tensor):
+                continue
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in inputs and ptr not in self._bytes:
+                nbytes = t.untyped_storage().nbytes()
+                self.created.append((str(func), nbytes))
+                self._bytes[ptr] = nbytes
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                self._hold(t, ptr)
+            elif ptr in self._bytes:  # a view of a storage made in the step keeps it alive
+                self._hold(t, ptr)
         return out
 
     def large(self, nbytes: int) -> list[tuple[str, int]]:
@@ -46,8 +74,8 @@ class NewTensorBytes(TorchDispatchMode):
         return sum(b for _, b in self.large(nbytes)) / nbytes
 
 
-def step_allocations(cls, kwargs: dict, steps: int = 3) -> list[NewTensorBytes]:
-    """Allocations of step ``steps`` (earlier steps create the state) on both of 2 in-process ranks."""
+def step_allocations(cls, kwargs: dict, steps: int = 3, world: int = 2) -> list[NewTensorBytes]:
+    """Allocations of step ``steps`` (earlier steps create the state) on every one of ``world`` in-process ranks."""
 
     def work(rank, transport):
         torch.manual_seed(rank)
@@ -62,7 +90,7 @@ def step_allocations(cls, kwargs: dict, steps: int = 3) -> list[NewTensorBytes]:
                 return mode
             opt.step()
 
-    return InProcessWorld(2).run(work)
+    return InProcessWorld(world).run(work)
 
 
 @pytest.mark.parametrize(
@@ -79,20 +107,24 @@ def test_a_step_on_the_fused_path_makes_at_most_one_full_size_temporary(cls, kwa
     monkeypatch.setenv("DEEPSPEED_CDADAM_KERNELS", "fused")  # fails if the CPU kernel cannot build
     nbytes = 4 * N
     for mode in step_allocations(cls, kwargs):
-        # 1-bit Adam with weight decay keeps upstream's operation order: wd * x is one more
-        allowed = 2 if cls is OneBitAdam and kwargs.get("weight_decay") else 1
-        assert mode.full_size_temporaries(nbytes) <= allowed, mode.large(nbytes)
+        # 1-bit Adam with weight decay keeps upstream's operation order: wd * x, one tensor at a time
+        allowed = 1.5 if cls is OneBitAdam and kwargs.get("weight_decay") else 1.0
+        assert mode.full_size_temporaries(nbytes) <= 2 * allowed - 1, mode.large(nbytes)  # made, in all
+        assert mode.peak <= (allowed + 0.05) * nbytes, mode.large(nbytes)  # alive at once (+ messages, scales)
         small = sum(b for op, b in mode.created) - sum(b for op, b in mode.large(nbytes))
         assert small < nbytes / 4, sorted(mode.created, key=lambda c: -c[1])[:8]  # messages, scales
 
 
-def test_eager_exchange_allocations_are_bounded(monkeypatch):
-    """The pure-torch exchange (the reference lines kept plain, per shard and per block): a regression
-    guard at what it measured (11 buffers' worth on 2 ranks, block_size None), not the one-temporary
-    target, which the fused paths meet (above)."""
+@pytest.mark.parametrize("world, peak", [(2, 2.3), (4, 1.7)])
+def test_eager_exchange_memory_is_bounded(world, peak, monkeypatch):
+    """The pure-torch exchange (the reference lines the fused kernels equal): its messages are encoded
+    into the one temporary (``encode_up_into``), decoded straight into the state (``send_down_into``)
+    and summed as they arrive, so besides that temporary it holds a few shard-sized pieces at a time:
+    the peak (in buffers) falls toward 1 as the shards shrink with more ranks. A regression guard at
+    what it measured (2.25 on 2 ranks, 1.63 on 4), not the one-temporary target the fused paths meet."""
     monkeypatch.setenv("DEEPSPEED_CDADAM_KERNELS", "eager")
-    for mode in step_allocations(CDAdam, {"block_size": None}):
-        assert mode.full_size_temporaries(4 * N) <= 11, mode.large(4 * N)
+    for mode in step_allocations(CDAdam, {"block_size": None}, world=world):
+        assert mode.peak <= peak * 4 * N, mode.large(4 * N)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
