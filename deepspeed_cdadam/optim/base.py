@@ -310,19 +310,6 @@ class CompressedOptimizer(torch.optim.Optimizer):
                 view.copy_(p.grad.reshape(-1))
         return flat
 
-    def flat_grad(self, params: list[torch.Tensor]) -> torch.Tensor:
-        """A new flat copy of ``params``' gradients (``bucket_grad`` reuses a buffer instead)."""
-        dtype = self.buffer_dtype(params)
-        parts = []
-        for p in params:
-            if p.grad is None:
-                parts.append(torch.zeros(p.numel(), dtype=dtype, device=p.device))
-            elif p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
-            else:
-                parts.append(p.grad.reshape(-1).to(dtype))
-        return torch.cat(parts)
-
     def bucket_state(self, bucket: Bucket) -> dict[str, Any]:
         """The bucket's flat state, kept under its first parameter (created empty)."""
         return self.state[bucket.params[0]]
