@@ -11,7 +11,8 @@ from ..compressors.base import Compressor
 from ..config import OneBitAdamConfig
 from ..types import EXP_AVG, EXP_AVG_SQ, STEP
 from ..schedule import StepKind
-from .base import Bucket, CompressedOptimizer, Segment
+from .base import Bucket, CompressedOptimizer
+from .masks import check_exp_avg_mask, segment_mask
 from .functional import adam_moments_, apply_update_, onebit_adam_direction
 
 
@@ -98,22 +99,7 @@ class OneBitAdam(CompressedOptimizer):
         self.freeze_step = config.freeze_step
         for group in self.param_groups:  # a wrong mask fails here, not after the warm-up
             if "exp_avg_mask" in group:
-                self._check_mask(group["exp_avg_mask"], self.group_numel(group))
-
-    @staticmethod
-    def _check_mask(mask: object, numel: int) -> None:
-        if not torch.is_tensor(mask) or mask.numel() != numel:
-            raise ValueError(
-                f"Invalid exp_avg_mask: must be a tensor with one entry per coordinate of the group "
-                f"({numel}), got {mask.shape if torch.is_tensor(mask) else type(mask).__name__}."
-            )
-
-    def _segment_mask(self, seg: Segment, mask: object, like: torch.Tensor) -> torch.Tensor:
-        """The entries of the group's ``exp_avg_mask`` for the segment's coordinates (in ``like``'s dtype)."""
-        self._check_mask(mask, self.group_numel(seg.group))  # the group may have been edited since construction
-        flat = mask.reshape(-1)  # type: ignore[union-attr]
-        parts = [flat[o : o + p.numel()] for o, p in zip(seg.group_offsets, seg.params)]
-        return torch.cat(parts).to(device=like.device, dtype=like.dtype)
+                check_exp_avg_mask(group["exp_avg_mask"], self.group_numel(group))
 
     #: During the warm-up a framework's exact gradient average (DeepSpeed's engine all-reduce) may
     #: stand in for the optimizer's own (``engine_averages_exact_steps``), as upstream's OnebitAdam does.
@@ -168,7 +154,7 @@ class OneBitAdam(CompressedOptimizer):
             for seg in bucket.segments:
                 mask = seg.group.get("exp_avg_mask")
                 if mask is not None:
-                    m[seg.slice].mul_(self._segment_mask(seg, mask, m))
+                    m[seg.slice].mul_(segment_mask(self, seg, mask, m))
         for seg in bucket.segments:
             # (7) x <- x - lr * (m / (sqrt(v) + eps) + wd * x)
             group, sl = seg.group, seg.slice

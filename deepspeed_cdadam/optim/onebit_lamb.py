@@ -24,6 +24,7 @@ from ..types import (
     STEP,
 )
 from .base import Bucket, CompressedOptimizer, Segment
+from .masks import check_exp_avg_mask
 
 
 def clip(value: float, low: float, high: float) -> float:
@@ -207,22 +208,14 @@ class OneBitLamb(CompressedOptimizer):
             spec_of(OneBitLambConfig, key).check(key, group[key])
         check_lamb_coeff_range(group["min_coeff"], group["max_coeff"], " in a parameter group")
         if "exp_avg_mask" in group:  # a wrong mask fails here, not after the warm-up
-            self._check_mask(group["exp_avg_mask"], self.group_numel(group))
-
-    @staticmethod
-    def _check_mask(mask: object, numel: int) -> None:
-        if not torch.is_tensor(mask) or mask.numel() != numel:
-            raise ValueError(
-                f"Invalid exp_avg_mask: must be a tensor with one entry per coordinate of the group "
-                f"({numel}), got {mask.shape if torch.is_tensor(mask) else type(mask).__name__}."
-            )
+            check_exp_avg_mask(group["exp_avg_mask"], self.group_numel(group))
 
     def _tensor_mask(self, tensor: LambTensor, like: torch.Tensor) -> torch.Tensor | None:
         """The entries of the group's ``exp_avg_mask`` for ``tensor``'s coordinates (``like``'s dtype), or None."""
         mask = tensor.group.get("exp_avg_mask")
         if mask is None:
             return None
-        self._check_mask(mask, self.group_numel(tensor.group))  # the group may have been edited since
+        check_exp_avg_mask(mask, self.group_numel(tensor.group))  # the group may have been edited since
         start = tensor.segment.group_offsets[tensor.index_in_segment]
         return mask.reshape(-1)[start : start + tensor.param.numel()].to(device=like.device, dtype=like.dtype)
 

@@ -13,6 +13,7 @@ from ..schedule import StepKind
 from ..state import FULL, PER_RANK, RANK_IDENTICAL, TRANSIENT, StateSpec
 from ..types import EXP_AVG, EXP_AVG_SQ, LRS, MASTER_PARAMS, MOMENTUM_ACCUMULATOR, STEP
 from .base import Bucket, CompressedOptimizer, Segment
+from .masks import check_exp_avg_mask, segment_mask
 from .functional import adam_moments_, onebit_adam_direction
 from .zero_one_schedule import ZeroOneSchedule
 
@@ -326,19 +327,3 @@ class ZeroOneAdam(CompressedOptimizer):
             out.append((p.detach(), slice(start, start + p.numel())))
             start += p.numel()
         return out
-
-
-def check_exp_avg_mask(mask: object, numel: int) -> None:
-    if not torch.is_tensor(mask) or mask.numel() != numel:
-        raise ValueError(
-            f"Invalid exp_avg_mask: must be a tensor with one entry per coordinate of the group "
-            f"({numel}), got {mask.shape if torch.is_tensor(mask) else type(mask).__name__}."
-        )
-
-
-def segment_mask(optimizer: CompressedOptimizer, seg: Segment, mask: object, like: torch.Tensor) -> torch.Tensor:
-    """The entries of the group's ``exp_avg_mask`` for the segment's coordinates (in ``like``'s dtype and device)."""
-    check_exp_avg_mask(mask, optimizer.group_numel(seg.group))  # the group may have been edited since construction
-    flat = mask.reshape(-1)  # type: ignore[union-attr]
-    parts = [flat[o : o + p.numel()] for o, p in zip(seg.group_offsets, seg.params)]
-    return torch.cat(parts).to(device=like.device, dtype=like.dtype)
