@@ -190,9 +190,10 @@ class CompressedExchange(Exchange):
         return self.compressor.wire_nbytes(self.layout.capacity, self.layout.max_blocks, dtype)
 
     def _encode(
-        self, v: torch.Tensor, shard: int, seed: int, scale: torch.Tensor | None = None
+        self, v: torch.Tensor, shard: int, seed: int, scale: torch.Tensor | None = None, out: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(wire bytes, C(v) as the receiver will decode it) for shard ``shard``'s vector ``v``."""
+        """(wire bytes, C(v) as the receiver will decode it) for shard ``shard``'s vector ``v``. ``out``:
+        where C(v) is written instead of a new tensor (it may be ``v`` itself: v is compressed first)."""
         lay = self.layout
         if scale is None and lay.permuted and isinstance(self.compressor, ScaledSign):
             scale = block_scales_by_norm(self.compressor, v, lay.shard_blocks(shard))
@@ -201,12 +202,21 @@ class CompressedExchange(Exchange):
         else:
             c = self.compressor.compress(v, lay.shard_blocks(shard), seed=seed, scale=scale)  # type: ignore[call-arg]
         wire = self.compressor.to_wire(c, lay.capacity, lay.max_blocks, v.dtype)
-        return wire, self.compressor.decompress(c, dtype=v.dtype, seed=seed)
+        if out is None:
+            return wire, self.compressor.decompress(c, dtype=v.dtype, seed=seed)
+        self.compressor.decompress_into(c, out, seed=seed)
+        return wire, out
 
     def _decode(self, wire: torch.Tensor, shard: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
         lay = self.layout
         c = self.compressor.from_wire(wire, lay.shard_sizes[shard], lay.shard_blocks(shard), lay.capacity, dtype)
         return self.compressor.decompress(c, dtype=dtype, seed=seed)
+
+    def _decode_into(self, wire: torch.Tensor, shard: int, out: torch.Tensor, seed: int, *, add: bool) -> None:
+        """``out = C`` (``out += C`` with ``add``) for the message ``wire`` about shard ``shard``."""
+        lay = self.layout
+        c = self.compressor.from_wire(wire, lay.shard_sizes[shard], lay.shard_blocks(shard), lay.capacity, out.dtype)
+        self.compressor.decompress_into(c, out, seed=seed, add=add)
 
     def send_up(self, x: torch.Tensor, *, step: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Worker -> server. Returns (``C(x)`` full length, as the servers decode it;
@@ -235,8 +245,7 @@ class CompressedExchange(Exchange):
         wires = []
         for j in range(n):
             seed = shared_seed(self.seed, step, group, _UP, j, me)
-            wire, c = self._encode(x[lay.shard_slice(j)], j, seed, scales[j])
-            out[lay.shard_slice(j)] = c
+            wire, _ = self._encode(x[lay.shard_slice(j)], j, seed, scales[j], out=out[lay.shard_slice(j)])
             wires.append(wire)
         return torch.cat(wires)
 
@@ -245,9 +254,9 @@ class CompressedExchange(Exchange):
         this rank's shard, summed in rank order as each message is decoded (``mean_in_rank_order``'s bits)."""
         n, me = self.layout.world_size, self.rank
         recv = self.transport.all_to_all(send).view(n, -1)
-        total = self._decode(recv[0], me, dtype, shared_seed(self.seed, step, group, _UP, me, 0))
-        for i in range(1, n):
-            total += self._decode(recv[i], me, dtype, shared_seed(self.seed, step, group, _UP, me, i))
+        total = torch.empty(self.layout.shard_sizes[me], dtype=dtype, device=send.device)
+        for i in range(n):
+            self._decode_into(recv[i], me, total, shared_seed(self.seed, step, group, _UP, me, i), add=i > 0)
         self._count(_UP, send.numel(), self._wire_nbytes(dtype))
         return total.div_(n)
 
@@ -279,19 +288,25 @@ class CompressedExchange(Exchange):
         return mine, full
 
     def send_down_into(
-        self, shard_vec: torch.Tensor, out: torch.Tensor, *, step: int, group: int, add: bool
+        self,
+        shard_vec: torch.Tensor,
+        out: torch.Tensor,
+        *,
+        step: int,
+        group: int,
+        add: bool,
+        mine_out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``send_down`` decoding every shard straight into ``out`` (``out += C`` with ``add``, else
-        ``out = C``) instead of a new full-length tensor; returns ``C(shard_vec)`` on this shard."""
+        ``out = C``) instead of a new full-length tensor; returns ``C(shard_vec)`` on this shard, written
+        into ``mine_out`` where given (which may be ``shard_vec`` itself)."""
         n, me, lay = self.layout.world_size, self.rank, self.layout
-        wire, mine = self._encode(shard_vec, me, shared_seed(self.seed, step, group, _DOWN, me, me))
+        seed = shared_seed(self.seed, step, group, _DOWN, me, me)
+        wire, mine = self._encode(shard_vec, me, seed, out=mine_out)
         recv = self.transport.all_gather(wire).view(n, -1)
         for j in range(n):
-            c = self._decode(recv[j], j, shard_vec.dtype, shared_seed(self.seed, step, group, _DOWN, j, j))
-            if add:
-                out[lay.shard_slice(j)] += c
-            else:
-                out[lay.shard_slice(j)] = c
+            seed = shared_seed(self.seed, step, group, _DOWN, j, j)
+            self._decode_into(recv[j], j, out[lay.shard_slice(j)], seed, add=add)
         self._count(_DOWN, wire.numel(), wire.numel())
         return mine
 
@@ -404,8 +419,10 @@ class MarkovExchange(CompressedExchange):
         del d
         # (3) server: ghat <- ghat + mean_i c_i
         ghat += self.receive_up(send, x.dtype, step=step, group=group)
-        # (4) server: ctil = C(ghat - gtil), sent to every worker; (5) worker i: gtil <- gtil + ctil, shard by shard
-        self.send_down_into(ghat - gtil[self.server_slice()], gtil, step=step, group=group, add=True)
+        # (4) server: ctil = C(ghat - gtil), sent to every worker (C written over the shard-sized ghat - gtil);
+        # (5) worker i: gtil <- gtil + ctil, shard by shard
+        v = ghat - gtil[self.server_slice()]
+        self.send_down_into(v, gtil, step=step, group=group, add=True, mine_out=v)
         return gtil
 
 
@@ -436,14 +453,15 @@ class ErrorFeedbackExchange(CompressedExchange):
         send = self.encode_up_into(p, e, step=step, group=group)
         torch.sub(p, e, out=e)
         del p
-        mean_c = self.receive_up(send, x.dtype, step=step, group=group)
-        # (2) server: q = mean_i c_i + ebar; ctil = C(q); ebar <- q - ctil
-        q = mean_c + ebar
+        # (2) server: q = mean_i c_i + ebar (summed into the received mean); ctil = C(q) (written into ebar);
+        # ebar <- q - ctil
+        q = self.receive_up(send, x.dtype, step=step, group=group)
+        q += ebar
         out = self._out if self._out is not None and self._out.shape == x.shape and self._out.dtype == x.dtype else None
         if out is None or out.device != x.device:
             out = self._out = torch.empty_like(x)
-        c_server = self.send_down_into(q, out, step=step, group=group, add=False)
-        torch.sub(q, c_server, out=ebar)
+        self.send_down_into(q, out, step=step, group=group, add=False, mine_out=ebar)
+        torch.sub(q, ebar, out=ebar)
         return out
 
 

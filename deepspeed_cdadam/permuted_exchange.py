@@ -6,7 +6,10 @@ Rather than teach every exchange, kernel and state buffer non-contiguous shards,
 permuted (and padded) into layout order once per step, where the shards are contiguous slices and
 the wrapped exchange runs unchanged; its state buffers live in layout space (padding included:
 upstream's padding coordinates carry error too). Cost: one scatter in and one gather out per step,
-with an index cached per device.
+with an index cached per device. Both go through one persistent layout-space buffer (the bucket
+vector is scattered into it, and the result gathered back into its first ``bucket_numel``
+coordinates), so a step makes no full-size temporary here: the result is a view of that buffer,
+overwritten by the next step (as ``ErrorFeedbackExchange``'s result is).
 
 Why not order the bucket so that shards are contiguous: the bucket's flat buffers are also the
 parameters' moments and master copy, updated segment by segment (one parameter group after the
@@ -37,5 +40,20 @@ class PermutedExchange(Exchange):
     def init_state(self, state: dict, like: torch.Tensor) -> None:
         self.inner.init_state(state, like.new_zeros(self.layout.numel))
 
+    #: The layout-space buffer of ``exchange``, reused from step to step.
+    _buffer: torch.Tensor | None = None
+
     def exchange(self, x: torch.Tensor, state: dict, *, step: int, group: int = 0) -> torch.Tensor:
-        return self.layout.from_layout(self.inner.exchange(self.layout.to_layout(x), state, step=step, group=group))
+        lay, buf = self.layout, self._buffer
+        if (
+            buf is None
+            or buf.dtype != x.dtype
+            or buf.device != x.device
+            or x.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()  # x is the last result
+        ):
+            buf = self._buffer = x.new_empty(lay.numel)
+        y = lay.to_layout(x, out=buf)
+        result = self.inner.exchange(y, state, step=step, group=group)
+        if result.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr():  # the inner exchange gave y back
+            return lay.from_layout(result)
+        return lay.from_layout(result, out=buf[: lay.bucket_numel])

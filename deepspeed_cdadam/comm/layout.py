@@ -225,15 +225,18 @@ class TensorLayout:
             order = self._cache[key] = order.to(device)
         return order
 
-    def to_layout(self, x: torch.Tensor) -> torch.Tensor:
-        """The bucket vector ``x`` in layout space (padding zeros)."""
-        out = x.new_zeros(self.numel)
+    def to_layout(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The bucket vector ``x`` in layout space (padding zeros), written into ``out`` where given."""
+        out = x.new_zeros(self.numel) if out is None else out.zero_()
         out[self.positions(x.device)] = x
         return out
 
-    def from_layout(self, y: torch.Tensor) -> torch.Tensor:
-        """The bucket vector of layout-space ``y`` (padding dropped)."""
-        return y[self.positions(y.device)]
+    def from_layout(self, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The bucket vector of layout-space ``y`` (padding dropped), written into ``out`` where given
+        (``out`` must not overlap ``y``)."""
+        if out is None:
+            return y[self.positions(y.device)]
+        return torch.index_select(y, 0, self.positions(y.device), out=out)
 
 
 def make_layout(

@@ -76,6 +76,15 @@ class Compressor(ABC):
     def decompress(self, c: Compressed, *, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
         """Dense 1-D tensor ``C(x)`` of length ``c.numel``."""
 
+    def decompress_into(self, c: Compressed, out: torch.Tensor, *, seed: int = 0, add: bool = False) -> None:
+        """``out = C(x)`` (``out += C(x)`` with ``add``), ``out`` of length ``c.numel``. This default makes
+        the dense ``decompress`` first; a compressor that can write in place overrides it (scaled sign)."""
+        dense = self.decompress(c, dtype=out.dtype, seed=seed)
+        if add:
+            out += dense
+        else:
+            out.copy_(dense)
+
     @abstractmethod
     def wire_nbytes(self, capacity: int, num_blocks: int, dtype: torch.dtype) -> int:
         """Bytes of one serialised payload for vectors of length <= ``capacity``."""

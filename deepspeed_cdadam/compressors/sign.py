@@ -19,6 +19,8 @@ worker side). The exchange computes that scale (``exchange.worker_scales``) and 
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -26,7 +28,7 @@ import torch
 
 from ..types import Compressed
 from .base import Compressor, as_bytes, check_blocks, from_bytes, itemsize
-from .packing import pack_signs, packed_nbytes, sign_table, unpack_signs
+from .packing import chunks, pack_signs, packed_nbytes, sign_table, unpack_signs, unpack_signs_into
 
 
 def sign_plus(x: torch.Tensor) -> torch.Tensor:
@@ -34,12 +36,30 @@ def sign_plus(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
 
-def _block_sums(values: torch.Tensor, blocks: tuple[int, ...]) -> torch.Tensor:
-    """Sum of ``values`` over each block (0 for an empty block)."""
+def _block_groups(blocks: tuple[int, ...]) -> list[tuple[int, int, int, int]]:
+    """Consecutive blocks grouped into pieces of about ``packing.chunks``' length: ``(first block, end
+    block, first coordinate, end coordinate)`` of each piece (a block longer than that is a piece alone)."""
+    target = chunks(sum(blocks))[0][1] if blocks else 0
+    groups, k0, a, n = [], 0, 0, 0
+    for k, b in enumerate(blocks):
+        n += b
+        if n >= target or k == len(blocks) - 1:
+            groups.append((k0, k + 1, a, a + n))
+            k0, a, n = k + 1, a + n, 0
+    return groups
+
+
+def _block_sums(values, x: torch.Tensor, blocks: tuple[int, ...]) -> torch.Tensor:
+    """Sum of ``values(x)`` (e.g. ``abs``) over each block (0 for an empty block), a group of blocks at a
+    time (``_block_groups``): each block's sum is the same reduction as over the whole vector at once,
+    but the temporary ``values(x)`` is a piece of ``x``, not its size."""
     if len(blocks) == 1:
-        return values.sum().reshape(1)
-    lengths = torch.tensor(blocks, device=values.device)
-    return torch.segment_reduce(values, "sum", lengths=lengths, unsafe=True, initial=0)
+        return values(x).sum().reshape(1)
+    sums = torch.empty(len(blocks), dtype=x.dtype, device=x.device)
+    for k0, k1, a, b in _block_groups(blocks):
+        lengths = torch.tensor(blocks[k0:k1], device=x.device)
+        sums[k0:k1] = torch.segment_reduce(values(x[a:b]), "sum", lengths=lengths, unsafe=True, initial=0)
+    return sums
 
 
 def _expand(scale: torch.Tensor, blocks: tuple[int, ...]) -> torch.Tensor:
@@ -48,13 +68,25 @@ def _expand(scale: torch.Tensor, blocks: tuple[int, ...]) -> torch.Tensor:
     return scale.repeat_interleave(torch.tensor(blocks, device=scale.device))
 
 
+def _expanded_piece(scale: torch.Tensor, blocks: tuple[int, ...]):
+    """``(a, b) -> _expand(scale, blocks)[a:b]``, made for that range only."""
+    ends = list(itertools.accumulate(blocks))
+
+    def piece(a: int, b: int) -> torch.Tensor:
+        k0, k1 = bisect.bisect_right(ends, a), bisect.bisect_left(ends, b)  # blocks covering a and b - 1
+        lengths = [min(ends[k], b) - max(ends[k] - blocks[k], a) for k in range(k0, k1 + 1)]
+        return scale[k0 : k1 + 1].repeat_interleave(torch.tensor(lengths, device=scale.device))
+
+    return piece
+
+
 def l1_block_scales(x: torch.Tensor, block_sizes: Sequence[int]) -> torch.Tensor:
     """``||x_B||_1 / d_B`` per block."""
     blocks = check_blocks(x, block_sizes)
     if len(blocks) == 1:
         return torch.linalg.vector_norm(x, 1).reshape(1) / max(blocks[0], 1)
     d = torch.tensor(blocks, dtype=x.dtype, device=x.device).clamp_min(1)
-    return _block_sums(x.abs(), blocks) / d
+    return _block_sums(torch.abs, x, blocks) / d
 
 
 def l2_block_scales(x: torch.Tensor, block_sizes: Sequence[int]) -> torch.Tensor:
@@ -67,7 +99,7 @@ def l2_block_scales(x: torch.Tensor, block_sizes: Sequence[int]) -> torch.Tensor
     if len(blocks) == 1:
         return torch.linalg.vector_norm(x).reshape(1) / math.sqrt(max(blocks[0], 1))
     d = torch.tensor(blocks, dtype=x.dtype, device=x.device).clamp_min(1)
-    return _block_sums(x * x, blocks).sqrt() / d.sqrt()
+    return _block_sums(torch.square, x, blocks).sqrt() / d.sqrt()
 
 
 def scaled_sign_l1(x: torch.Tensor, block_sizes: Sequence[int] | None = None) -> torch.Tensor:
@@ -134,6 +166,16 @@ class ScaledSign(Compressor):
             table = sign_table(dtype, c.payload.device) * c.scale.to(dtype)
             return unpack_signs(c.payload, c.numel, dtype, table=table)
         return _expand(c.scale.to(dtype), c.block_sizes) * unpack_signs(c.payload, c.numel, dtype)
+
+    def decompress_into(self, c: Compressed, out: torch.Tensor, *, seed: int = 0, add: bool = False) -> None:
+        """``decompress`` written (or with ``add`` added) into ``out`` a chunk at a time: the same bits
+        (``scale * sign`` is exact), with temporaries of a fraction of ``out``'s size."""
+        scale = c.scale.to(out.dtype)
+        if len(c.block_sizes) == 1:
+            unpack_signs_into(c.payload, out, sign_table(out.dtype, out.device) * scale, add=add)
+        else:
+            table = sign_table(out.dtype, out.device)
+            unpack_signs_into(c.payload, out, table, add=add, scale_piece=_expanded_piece(scale, c.block_sizes))
 
     def wire_nbytes(self, capacity: int, num_blocks: int, dtype: torch.dtype) -> int:
         return packed_nbytes(capacity) + num_blocks * itemsize(dtype)

@@ -29,3 +29,25 @@ def test_padding_never_leaks():
 def test_unpack_rejects_too_few_bytes():
     with pytest.raises(ValueError, match="2 bytes hold at most 16 signs, asked for 17"):
         unpack_signs(torch.zeros(2, dtype=torch.uint8), 17)
+
+
+@pytest.mark.parametrize("numel", [0, 7, 8, 9, 4096 + 3, 50_001])
+def test_chunked_packing_and_unpacking_equal_one_pass(numel, monkeypatch):
+    """``pack_signs`` / ``unpack_signs_into`` work a chunk at a time (``packing.chunks``): with small
+    chunks (many pieces, byte-aligned starts, a ragged last one) the bytes and values are those of one pass."""
+    from deepspeed_cdadam.compressors import packing
+
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+    whole = pack_signs(x)
+    monkeypatch.setattr(packing, "MIN_CHUNK", 8)
+    monkeypatch.setattr(packing, "MAX_CHUNKS", 7)
+    pieces = packing.chunks(numel)
+    assert all(a % 8 == 0 for a, _ in pieces) and sum(b - a for a, b in pieces) == numel
+    assert len(pieces) == (0 if numel == 0 else min(7, -(-numel // 8)))
+    assert torch.equal(pack_signs(x), whole)
+    table = packing.sign_table(torch.float64, "cpu") * 0.25
+    out = torch.full((numel,), 3.0, dtype=torch.float64)
+    packing.unpack_signs_into(whole, out, table, add=True)
+    assert torch.equal(out, 3.0 + 0.25 * torch.where(x >= 0, 1.0, -1.0).double())
+    packing.unpack_signs_into(whole, out, table)
+    assert torch.equal(out, 0.25 * torch.where(x >= 0, 1.0, -1.0).double())

@@ -65,3 +65,28 @@ def test_contraction_property():
 def test_bad_blocks_rejected():
     with pytest.raises(ValueError, match=r"Invalid block_sizes=\(3, 3\): must be >= 0 and sum to len\(x\)=7\."):
         scaled_sign_l1(torch.ones(7), (3, 3))
+
+
+@pytest.mark.parametrize("cls", [ScaledSignL1, ScaledSignL2])
+@pytest.mark.parametrize("blocks", BLOCKS + [(3000, 0, 17, 5000, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_decompress_into_writes_and_adds_the_bits_of_decompress(cls, blocks, dtype, monkeypatch):
+    """In place and a chunk at a time (small chunks here: blocks cut across chunk boundaries), the
+    values are decompress()'s bit for bit, written or added; block scales summed a group of blocks at a
+    time equal one pass over the vector."""
+    from deepspeed_cdadam.compressors import packing
+
+    n = sum(blocks)
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+    comp = cls()
+    c = comp.compress(x, blocks)
+    dense = comp.decompress(c, dtype=dtype)
+    monkeypatch.setattr(packing, "MIN_CHUNK", 40)  # scales by groups of blocks, decoding in pieces of 40 coordinates
+    assert torch.equal(comp.compress(x, blocks).scale, c.scale)
+    out = torch.full((n,), 7.0, dtype=dtype)
+    comp.decompress_into(c, out)
+    assert torch.equal(out, dense)
+    base = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(dtype)
+    out = base.clone()
+    comp.decompress_into(c, out, add=True)
+    assert torch.equal(out, base + dense)
