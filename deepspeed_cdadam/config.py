@@ -478,6 +478,21 @@ class NodeHierarchyOptions(_Checked):
             )
 
 
+BUCKET_CAP_MB = Number(
+    "largest communication bucket (its flat buffer, whole parameters, in order) in MB (2**20 bytes); a "
+    "parameter larger than the cap is a bucket alone",
+    gt=0,
+    finite=True,
+    none_means="one bucket per dtype and device (25 with overlap on, PyTorch DDP's default)",
+)
+OVERLAP = Bool(
+    "start each bucket's exchange during backward, as soon as its gradients are ready (same result, bit for "
+    "bit, as without; exchange 'markov', hierarchy 'flat', scale_blocks 'fixed', parameters on the CPU)"
+)
+#: ``bucket_cap_mb`` when ``overlap`` is on and the cap is not given (PyTorch DDP's ``bucket_cap_mb``).
+OVERLAP_DEFAULT_BUCKET_CAP_MB = 25.0
+
+
 @dataclass(frozen=True, kw_only=True)
 class CDAdamConfig(NodeHierarchyOptions, AdamConfig):
     """``CDAdam``'s arguments (see its docstring for the defaults' measurements)."""
@@ -487,6 +502,24 @@ class CDAdamConfig(NodeHierarchyOptions, AdamConfig):
     amsgrad: bool = option(True, AMSGRAD, param_group=True)
     bias_correction: bool = option(False, BIAS_CORRECTION, param_group=True)
     exchange: str = option("markov", EXCHANGE)
+    bucket_cap_mb: float | None = option(None, BUCKET_CAP_MB)
+    overlap: bool = option(False, OVERLAP)
+
+    def _check_together(self) -> None:
+        super()._check_together()
+        if not self.overlap:
+            return
+        needs = {"exchange": ("markov", self.exchange), "hierarchy": ("flat", self.hierarchy),
+                 "scale_blocks": ("fixed", self.scale_blocks)}  # fmt: skip
+        for key, (wanted, value) in needs.items():
+            if value != wanted:
+                raise ValueError(
+                    f"{self.KEY_PREFIX}overlap=True needs {self.KEY_PREFIX}{key}={wanted!r} (got {value!r}): the "
+                    "exchange started during backward is the Markov exchange over fixed blocks. Set overlap to false, "
+                    f"or {key} to {wanted!r}."
+                )
+        if self.bucket_cap_mb is None:
+            object.__setattr__(self, "bucket_cap_mb", OVERLAP_DEFAULT_BUCKET_CAP_MB)
 
 
 @dataclass(frozen=True, kw_only=True)

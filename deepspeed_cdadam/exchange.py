@@ -107,6 +107,19 @@ def mean_in_rank_order(pieces: list[torch.Tensor]) -> torch.Tensor:
     return total / len(pieces)
 
 
+class PreparedExchange:
+    """An exchange whose collectives have run and whose state changes wait: ``commit(state)`` applies
+    them and returns what ``exchange`` would have; dropping it leaves the state as it was (a step
+    skipped, or redone because its gradients changed after the messages left)."""
+
+    def __init__(self, step: int, commit) -> None:
+        self.step = step
+        self._commit = commit
+
+    def commit(self, state: dict) -> torch.Tensor:
+        return self._commit(state)
+
+
 class Exchange(ABC):
     """Averages one flat buffer over the ranks. ``state`` is the group's optimizer state dict."""
 
@@ -252,13 +265,33 @@ class CompressedExchange(Exchange):
     def receive_up(self, send: torch.Tensor, dtype: torch.dtype, *, step: int, group: int) -> torch.Tensor:
         """The ``all_to_all`` of this worker's wire messages (shard after shard); returns ``mean_i C(x_i)`` on
         this rank's shard, summed in rank order as each message is decoded (``mean_in_rank_order``'s bits)."""
+        recv = self.transport.all_to_all(send)
+        self._count(_UP, send.numel(), self._wire_nbytes(dtype))
+        return self.mean_up(recv, dtype, step=step, group=group)
+
+    def mean_up(self, recv: torch.Tensor, dtype: torch.dtype, *, step: int, group: int) -> torch.Tensor:
+        """``mean_i C(x_i)`` on this rank's shard from the received messages ``recv`` (sender after sender)."""
         n, me = self.layout.world_size, self.rank
-        recv = self.transport.all_to_all(send).view(n, -1)
-        total = torch.empty(self.layout.shard_sizes[me], dtype=dtype, device=send.device)
+        recv = recv.view(n, -1)
+        total = torch.empty(self.layout.shard_sizes[me], dtype=dtype, device=recv.device)
         for i in range(n):
             self._decode_into(recv[i], me, total, shared_seed(self.seed, step, group, _UP, me, i), add=i > 0)
-        self._count(_UP, send.numel(), self._wire_nbytes(dtype))
         return total.div_(n)
+
+    def add_sent_up(self, send: torch.Tensor, out: torch.Tensor, *, step: int, group: int) -> None:
+        """``out += C(x)``, ``C(x)`` decoded from this worker's own messages up ``send`` (``encode_up``'s
+        bits: the same decode the servers run)."""
+        lay, n, me = self.layout, self.layout.world_size, self.rank
+        send = send.view(n, -1)
+        for j in range(n):
+            self._decode_into(send[j], j, out[lay.shard_slice(j)], shared_seed(self.seed, step, group, _UP, j, me), add=True)
+
+    def add_received_down(self, recv: torch.Tensor, out: torch.Tensor, *, step: int, group: int) -> None:
+        """``out += ctil``, every shard of the all-gathered messages down ``recv`` decoded into ``out``."""
+        lay, n = self.layout, self.layout.world_size
+        recv = recv.view(n, -1)
+        for j in range(n):
+            self._decode_into(recv[j], j, out[lay.shard_slice(j)], shared_seed(self.seed, step, group, _DOWN, j, j), add=True)
 
     def _count(self, direction: int, handed: int, width: int) -> None:
         """Bytes of one collective: up = all_to_all of ``width``-byte messages, down = all_gather of one."""
@@ -424,6 +457,36 @@ class MarkovExchange(CompressedExchange):
         v = ghat - gtil[self.server_slice()]
         self.send_down_into(v, gtil, step=step, group=group, add=True, mine_out=v)
         return gtil
+
+    def prepare(self, x: torch.Tensor, state: dict, *, step: int, group: int = 0) -> PreparedExchange:
+        """Both collectives of ``exchange(x, state, step=step)`` with no state changed: what a step started
+        during backward runs (``optim.overlap``). The same messages are sent (so the same bytes); the
+        state changes (2), (3), (5) wait for ``PreparedExchange.commit``, which decodes them again from
+        the kept messages (1/32 of the buffer each way), bit for bit what ``exchange`` adds."""
+        h, ghat, gtil = state[MARKOV_STATE], state[SERVER_MARKOV_STATE], state[DOWN_MARKOV_STATE]
+        me, dtype = self.rank, x.dtype
+        # (1) c_i = C(g_i - h_i), sent up
+        d = x - h
+        send = self.encode_up_into(d, d, step=step, group=group)
+        del d
+        recv_up = self.transport.all_to_all(send)
+        self._count(_UP, send.numel(), self._wire_nbytes(dtype))
+        # (3)-(4) with ghat + mean_i c_i in a temporary: ctil = C(ghat' - gtil), sent down
+        v = ghat + self.mean_up(recv_up, dtype, step=step, group=group)
+        v -= gtil[self.server_slice()]
+        wire, _ = self._encode(v, me, shared_seed(self.seed, step, group, _DOWN, me, me), out=v)
+        del v
+        recv_down = self.transport.all_gather(wire)
+        self._count(_DOWN, wire.numel(), wire.numel())
+
+        def commit(state: dict) -> torch.Tensor:
+            h, ghat, gtil = state[MARKOV_STATE], state[SERVER_MARKOV_STATE], state[DOWN_MARKOV_STATE]
+            self.add_sent_up(send, h, step=step, group=group)  # (2) h_i += c_i
+            ghat += self.mean_up(recv_up, dtype, step=step, group=group)  # (3)
+            self.add_received_down(recv_down, gtil, step=step, group=group)  # (5) gtil += ctil
+            return gtil
+
+        return PreparedExchange(step, commit)
 
 
 class ErrorFeedbackExchange(CompressedExchange):

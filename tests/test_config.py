@@ -118,6 +118,8 @@ def test_json_keys_per_type():
         "amsgrad",
         "bias_correction",
         "exchange",
+        "bucket_cap_mb",
+        "overlap",
         "comm_backend_name",
         "cuda_aware",
     )

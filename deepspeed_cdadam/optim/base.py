@@ -24,10 +24,11 @@ would be rounded away at every step. fp32/fp64 parameters are updated in place a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from abc import abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,12 +36,15 @@ from ..comm.accounting import CommStats
 from ..comm.layout import ShardLayout, make_layout
 from ..comm.transport import TorchDistributedTransport, Transport, check_on_transport_device
 from ..compressors.base import Compressor
-from ..exchange import EXCHANGES, Exchange, make_exchange
+from ..exchange import EXCHANGES, Exchange, PreparedExchange, make_exchange
 from ..hierarchical_exchange import NodeHierarchy
 from ..state import FULL, PER_RANK, RANK_IDENTICAL, StateSpec, keys_with_scope
 from ..types import EXP_AVG, EXP_AVG_SQ, MASTER_PARAMS, MAX_EXP_AVG_SQ, STEP
 from ..schedule import StepKind
 from .safety import agree_on_step, check_ranks_agree
+
+if TYPE_CHECKING:
+    from .overlap import BackwardOverlap
 
 logger = logging.getLogger(__name__)
 
@@ -249,18 +253,39 @@ class CompressedOptimizer(torch.optim.Optimizer):
         """Parameters with equal keys share a bucket: one per (dtype, device)."""
         return (p.dtype, p.device)
 
+    def bucket_cap_numel(self, p: torch.Tensor) -> int | None:
+        """Most coordinates of a bucket holding ``p`` (``bucket_cap_mb`` of its flat buffer's dtype), or
+        None: one bucket per ``bucket_key``. Only optimizers whose config has ``bucket_cap_mb`` cap them."""
+        cap_mb = getattr(self.config, "bucket_cap_mb", None)
+        if cap_mb is None:
+            return None
+        itemsize = torch.empty((), dtype=self.buffer_dtype([p])).element_size()
+        return max(1, int(cap_mb * 2**20) // itemsize)
+
     def buckets(self) -> list[Bucket]:
         """The communication buckets, in order of first appearance (group order, then parameter order).
 
-        Each group with trainable parameters in a bucket is one contiguous ``Segment`` of it.
+        Each group with trainable parameters in a bucket is one contiguous ``Segment`` of it. With a cap
+        (``bucket_cap_numel``) a key's parameters fill one bucket after another, whole parameters in
+        order, a new bucket when the next parameter would pass the cap (PyTorch DDP's buckets, in
+        forward order: backward fills the last bucket first).
         """
         by_key: dict[tuple, Bucket] = {}
+        parts: dict[tuple, int] = {}  # base key -> the part now filling (capped buckets)
         for gi, group in enumerate(self.param_groups):
             offset = 0  # in the group's own flat vector
             for p in group["params"]:
                 if not p.requires_grad:
                     continue
                 key = self.bucket_key(group, p)
+                cap = self.bucket_cap_numel(p)
+                if cap is not None:
+                    base, part = key, parts.get(key, 0)
+                    key = (*base, f"part {part}")
+                    filling = by_key.get(key)
+                    if filling is not None and filling.numel > 0 and filling.numel + p.numel() > cap:
+                        parts[base] = part + 1
+                        key = (*base, f"part {part + 1}")
                 bucket = by_key.get(key)
                 if bucket is None:
                     bucket = by_key[key] = Bucket(len(by_key), key)
@@ -433,11 +458,51 @@ class CompressedOptimizer(torch.optim.Optimizer):
                         self.state[p][key] = value.to(device=p.device, dtype=dtype)
 
     # --- the step template ----------------------------------------------------------------
+    #: Exchanges started during backward (``overlap.BackwardOverlap``), or None.
+    _overlap: BackwardOverlap | None = None
+    #: This step's exchanges prepared during backward, by bucket index (``exchange_bucket`` commits them).
+    _prepared: dict[int, PreparedExchange] = {}  # noqa: RUF012 - replaced per step, never mutated in place
+    _stale_warned = False
+
+    def ensure_bucket_state(self, bucket: Bucket, grad: torch.Tensor) -> dict[str, Any]:
+        """The bucket's state, created (zeros, step 0) on its first use."""
+        state = self.bucket_state(bucket)
+        if not state:
+            state[STEP] = 0
+            zeros = torch.zeros(grad.numel(), dtype=grad.dtype, device=grad.device)
+            self.init_bucket_state(bucket, state, zeros)
+        return state
+
+    def exchange_bucket(self, bucket: Bucket, grad: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        """This step's exchange of ``bucket``: the one prepared during backward, committed, or run now."""
+        prepared = self._prepared.get(bucket.index)
+        if prepared is not None:
+            return prepared.commit(state)
+        return self._exchange_for(bucket.index, grad.numel()).exchange(grad, state, step=state[STEP], group=bucket.index)
+
+    def no_overlap(self):
+        """A context in which backward starts no exchange (DDP's ``no_sync()``: wrap the micro-batches
+        before the last of a gradient accumulation). Without ``overlap`` it does nothing."""
+        return self._overlap.paused() if self._overlap is not None else contextlib.nullcontext()
+
+    def _warn_stale_once(self) -> None:
+        if not self._stale_warned:
+            self._stale_warned = True
+            logger.warning(
+                "overlap: gradients changed after their exchange started during backward (clipping or unscaling "
+                "before step(), or several backward passes per step); the step's exchanges were run again from the "
+                "current gradients, which sends them twice. For gradient accumulation wrap the micro-batches before "
+                "the last in optimizer.no_overlap(); to clip, set overlap to false."
+            )
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         """One step: flatten each bucket's gradients, agree on the step (one control message), then
-        per bucket one exchange and the update of each of its groups' segments."""
+        per bucket one exchange and the update of each of its groups' segments. With ``overlap`` the
+        exchanges started during backward (``optim.overlap``) and are committed here."""
         if self.ignore_steps:
+            if self._overlap is not None:
+                self._overlap.drop_round()
             return None
         if self._rank_state_pending:
             raise RuntimeError(
@@ -450,23 +515,29 @@ class CompressedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         buckets = self.buckets()
-        grads = [self.bucket_grad(b) for b in buckets]
+        prepared, stale = self._overlap.finish(buckets) if self._overlap is not None else ({}, False)
+        # a bucket prepared during backward has its gradients in its buffer already (stale: copied again)
+        grads = [self._grad_buffers[b.index] if b.index in prepared and not stale else self.bucket_grad(b) for b in buckets]
         for bucket, grad in zip(buckets, grads):
             check_on_transport_device(self.transport, grad, f"The gradient of {bucket.name()}")
         self._check_layout_unchanged(buckets, grads)
         planned = self.planned_step()
-        if not self._gradients_usable(buckets, grads, planned):
+        agreement: dict[str, bool] = {}
+        if not self._gradients_usable(buckets, grads, planned, stale=stale, agreement=agreement):
             return loss
-        for bucket, grad in zip(buckets, grads):
-            state = self.bucket_state(bucket)
-            if not state:
-                state[STEP] = 0
-                zeros = torch.zeros(grad.numel(), dtype=grad.dtype, device=grad.device)
-                self.init_bucket_state(bucket, state, zeros)
-            state[STEP] += 1
-            targets = self.update_targets(bucket.params, state)  # params, or their fp32 master copy
-            self.bucket_step(bucket, targets, state, grad, planned)
-            self.copy_master_to_params(bucket.params, state)
+        if agreement.get("stale"):  # some rank's gradients changed after its messages left: every rank redoes them
+            self._warn_stale_once()
+            prepared = {}
+        self._prepared = prepared
+        try:
+            for bucket, grad in zip(buckets, grads):
+                state = self.ensure_bucket_state(bucket, grad)
+                state[STEP] += 1
+                targets = self.update_targets(bucket.params, state)  # params, or their fp32 master copy
+                self.bucket_step(bucket, targets, state, grad, planned)
+                self.copy_master_to_params(bucket.params, state)
+        finally:
+            self._prepared = {}
         self.steps_taken += 1
         if self.consistency_check_every and self.steps_taken % self.consistency_check_every == 0:
             self.check_ranks_agree()
@@ -535,10 +606,18 @@ class CompressedOptimizer(torch.optim.Optimizer):
         name = self.param_names.get(id(p))
         return repr(name) if name else f"param_groups[{group_index}]['params'][{param_index}] (shape {tuple(p.shape)})"
 
-    def _gradients_usable(self, buckets: list[Bucket], grads: list[torch.Tensor], planned: StepKind) -> bool:
+    def _gradients_usable(
+        self,
+        buckets: list[Bucket],
+        grads: list[torch.Tensor],
+        planned: StepKind,
+        *,
+        stale: bool = False,
+        agreement: dict | None = None,
+    ) -> bool:
         """False (on every rank alike) to skip this step; raises (on every rank alike) for policy 'error'
-        or when the ranks planned different kinds of step."""
-        bad_ranks = agree_on_step(self.transport, grads, planned, self.comm_stats)
+        or when the ranks planned different kinds of step. ``stale`` / ``agreement``: ``agree_on_step``'s."""
+        bad_ranks = agree_on_step(self.transport, grads, planned, self.comm_stats, stale=stale, agreement=agreement)
         if not bad_ranks:
             return True
         if self.nonfinite_grads == "skip":

@@ -13,6 +13,7 @@ from ..types import EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP
 from ..schedule import StepKind
 from .base import ADAM_MOMENTS, AMSGRAD_MAX, Bucket, CompressedOptimizer, Segment
 from .functional import amsgrad_direction, apply_update_
+from .overlap import BackwardOverlap, overlap_supported
 
 
 class CDAdam(CompressedOptimizer):
@@ -123,6 +124,11 @@ class CDAdam(CompressedOptimizer):
             the step (``skipped_steps`` counts them). Either costs one tiny all-reduce per step.
         consistency_check_every: every N steps, check that parameters and rank-identical state are
             bit-identical on all ranks (raises naming the first differing tensor); 0 = never.
+        bucket_cap_mb: largest communication bucket in MB (whole parameters in forward order, as
+            PyTorch DDP's); None (default): one bucket per dtype and device, or 25 with ``overlap``.
+        overlap: start each bucket's exchange during backward, as soon as its gradients are ready
+            (``optim.overlap``; same result bit for bit). Use ``optimizer.no_overlap()`` around the
+            micro-batches before the last of a gradient accumulation.
     """
 
     CONFIG = CDAdamConfig  # its arguments, their defaults and checks
@@ -151,12 +157,17 @@ class CDAdam(CompressedOptimizer):
         ranks_per_node: int | None = None,
         nonfinite_grads: str = "error",
         consistency_check_every: int = 0,
+        bucket_cap_mb: float | None = None,
+        overlap: bool = False,
     ) -> None:
         config = CDAdamConfig.from_arguments(locals())  # checks every argument (deepspeed_cdadam.config)
         super().__init__(
             params, config, exchange=config.exchange,
             transport=transport, process_group=process_group,
         )  # fmt: skip
+        if config.overlap:
+            overlap_supported(self)
+            self._overlap = BackwardOverlap(self)
 
     def init_bucket_state(self, bucket: Bucket, state: dict[str, Any], zeros: torch.Tensor) -> None:
         state[EXP_AVG] = zeros.clone()  # m_t
@@ -174,8 +185,7 @@ class CDAdam(CompressedOptimizer):
         kind: StepKind,
     ) -> None:
         # (1)-(5): one compressed exchange for the whole bucket; every rank gets the same estimate gtil
-        exchange = self._exchange_for(bucket.index, grad.numel())
-        estimate = exchange.exchange(grad, state, step=state[STEP], group=bucket.index)
+        estimate = self.exchange_bucket(bucket, grad, state)  # started during backward, with overlap
         for seg in bucket.segments:  # (6)-(9) per group, with its hyperparameters
             self.segment_update(seg, self.segment_targets(bucket, seg, params), state, estimate)
 

@@ -39,23 +39,31 @@ def nonfinite(g: torch.Tensor) -> torch.Tensor:
 
 
 def agree_on_step(
-    transport: Transport, grads: Sequence[torch.Tensor], planned: StepKind, stats: CommStats | None = None
+    transport: Transport,
+    grads: Sequence[torch.Tensor],
+    planned: StepKind,
+    stats: CommStats | None = None,
+    *,
+    stale: bool = False,
+    agreement: dict | None = None,
 ) -> list[int]:
     """Ranks whose gradients contain NaN or inf (the same list on every rank), after checking that
     every rank planned the same kind of step.
 
-    One float per rank travels: ``2 * planned + nonfinite`` in the rank's own slot (exact in fp32).
+    One float per rank travels: ``4 * planned + 2 * stale + nonfinite`` in the rank's own slot (exact
+    in fp32); ``stale``: this rank's exchanges started during backward are out of date
+    (``optim.overlap``). ``agreement`` (a dict) receives ``"stale"``: whether any rank said so.
     Raises ``ScheduleMismatchError`` on every rank if the plans differ.
     """
     device = control_device(transport)
     flags = torch.zeros(transport.world_size, dtype=torch.float32, device=device)
     for g in grads:  # no host round trip per gradient: the flag is computed where the gradient lives
         flags[transport.rank] = torch.maximum(flags[transport.rank], nonfinite(g).to(device=device, dtype=torch.float32))
-    flags[transport.rank] += 2.0 * int(planned)
+    flags[transport.rank] += 4.0 * int(planned) + 2.0 * bool(stale)
     transport.all_reduce_sum(flags)
     _count(stats, 4 * transport.world_size, all_reduce_bytes_sent(4 * transport.world_size, transport.world_size))
     codes = [int(c) for c in flags.tolist()]
-    plans = [StepKind(c // 2) for c in codes]
+    plans = [StepKind(c // 4) for c in codes]
     if len(set(plans)) > 1:
         raise ScheduleMismatchError(
             "Ranks planned different kinds of step: "
@@ -63,6 +71,8 @@ def agree_on_step(
             + ". Their optimizer settings or states differ (e.g. freeze_step, or a checkpoint loaded on some "
             "ranks only); stop and restart every rank from the same checkpoint and config."
         )
+    if agreement is not None:
+        agreement["stale"] = any(c & 2 for c in codes)
     return [r for r, c in enumerate(codes) if c % 2]
 
 

@@ -51,8 +51,8 @@ def _init(optimizer: dict, **extra):
             (
                 "Unknown key optimizer.params.betaz for optimizer type 'cdadam'. Allowed: lr, weight_decay, compressor, "
                 "block_size, scale_blocks, timeout_s, seed, nonfinite_grads, consistency_check_every, betas, eps, "
-                "worker_scale_scope, hierarchy, ranks_per_node, amsgrad, bias_correction, exchange, comm_backend_name, "
-                "cuda_aware. "
+                "worker_scale_scope, hierarchy, ranks_per_node, amsgrad, bias_correction, exchange, bucket_cap_mb, overlap, "
+                "comm_backend_name, cuda_aware. "
                 "Did you mean 'betas'?"
             ),
         ),
@@ -193,6 +193,29 @@ def _steps(engine, n):
         engine.step()
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_overlap_in_the_engine_equals_plain_steps(bf16):
+    """``overlap`` from the JSON: with the fp32 engine backward starts the buckets' exchanges (one per
+    parameter here); under DeepSpeed's bf16 wrapper the optimizer's fp32 parameters get their gradients
+    by assignment (no hook fires) and every exchange starts in step(). Either way, the plain steps' bits."""
+    weights, started = [], []
+    extra = {"bf16": {"enabled": True}} if bf16 else {}
+    for overlap in (False, True):
+        torch.manual_seed(0)
+        params = {"lr": 0.01, "overlap": overlap, "bucket_cap_mb": 1e-5}  # 2 coordinates: weight, bias apart
+        engine, _, _, _ = _init({"type": "CDAdam", "params": params}, **extra)
+        x = torch.ones(2, 4, dtype=torch.bfloat16 if bf16 else torch.float32)
+        for _ in range(3):
+            engine.backward(engine(x).sum())
+            engine.step()
+        weights.append([p.detach().clone() for p in engine.module.parameters()])
+        opt = engine.basic_optimizer
+        assert len(opt.buckets()) == 2
+        started.append(opt._overlap.started_during_backward if overlap else None)
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+    assert started[1] == (0 if bf16 else 2 * 3)
+
+
 def test_crash_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
     import deepspeed_cdadam.checkpoint as ckpt
 
@@ -239,6 +262,7 @@ EXPECTED_OPTIMIZER = {
     "sketched": "SketchedAMSGrad",  # bert_sketched_amsgrad.json
     "amsgrad": "CDAdam",
     "adam": "AdamW",
+    "adamw": "AdamW",  # llm_adamw.json
 }
 
 
