@@ -90,14 +90,15 @@ class Cluster:
             sh("ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf",
                "rate", rate, "burst", burst, "latency", "50ms")  # fmt: skip
 
-    def run_ranks(self, worker_args: list[str], timeout_s: float) -> None:
+    def run_ranks(self, worker_args: list[str], timeout_s: float, script: str = __file__) -> None:
+        """Run ``script --worker worker_args`` once per rank, each in its namespace."""
         port = 29000 + secrets.randbelow(1000)
         procs = []
         for rank, ns in enumerate(self.namespaces):
             env = dict(os.environ, MASTER_ADDR=self.addresses[0], MASTER_PORT=str(port), RANK=str(rank),
                        WORLD_SIZE=str(self.world), LOCAL_WORLD_SIZE=str(self.world),  # all on this machine
                        GLOO_SOCKET_IFNAME="eth0")  # fmt: skip
-            cmd = ["ip", "netns", "exec", ns, sys.executable, __file__, "--worker", *worker_args]
+            cmd = ["ip", "netns", "exec", ns, sys.executable, script, "--worker", *worker_args]
             procs.append(subprocess.Popen(cmd, env=env))
         try:
             for p in procs:

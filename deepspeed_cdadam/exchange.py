@@ -464,6 +464,13 @@ class MarkovExchange(CompressedExchange):
         state changes (2), (3), (5) wait for ``PreparedExchange.commit``, which decodes them again from
         the kept messages (1/32 of the buffer each way), bit for bit what ``exchange`` adds."""
         h, ghat, gtil = state[MARKOV_STATE], state[SERVER_MARKOV_STATE], state[DOWN_MARKOV_STATE]
+        impl = self._kernel(x, h, ghat, gtil)  # the fused CPU kernels' version (kernels.cpu_exchange.prepare_markov)
+        if impl is not None and impl.prepare is not None:
+            commit_fused = impl.prepare(self, x, (h, ghat, gtil), step, group)
+            return PreparedExchange(
+                step,
+                lambda state: commit_fused((state[MARKOV_STATE], state[SERVER_MARKOV_STATE], state[DOWN_MARKOV_STATE])),
+            )
         me, dtype = self.rank, x.dtype
         # (1) c_i = C(g_i - h_i), sent up
         d = x - h

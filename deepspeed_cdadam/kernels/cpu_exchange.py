@@ -73,6 +73,39 @@ def run_markov(
     return gtil
 
 
+def prepare_markov(ex: CompressedExchange, x: torch.Tensor, h: torch.Tensor, ghat: torch.Tensor, gtil: torch.Tensor):
+    """``run_markov``'s collectives with no state changed (``MarkovExchange.prepare``, for overlap);
+    returns the commit: ``commit(state)`` applies (2), (3) and (5) as ``run_markov`` does, bit for bit.
+
+    The worker's messages are encoded without updating ``h`` (``markov_encode``'s kernel call) and kept;
+    the server step runs on copies of its shard of ``ghat`` and ``gtil`` to make the message down, and
+    again on the state itself at commit (the same inputs, so the same bits); ``h += c`` is the kept
+    messages decoded into ``h``, the down messages are decoded into ``gtil`` as in ``run_markov``.
+    """
+    from ..exchange import _DOWN, _UP
+
+    lay, n, me, width = ex.layout, ex.layout.world_size, ex.rank, ex._wire_nbytes(x.dtype)
+    mine = lay.shard_slice(me)
+    send = kernels._encode_shards(  # (1) c_i = C(g_i - h_i), h_i unchanged
+        x, h, lay.shard_offsets, lay.shard_sizes, lay, width, update=False, out=ex._kernel_buffer("up", n * width)
+    )
+    recv = ex.transport.all_to_all(send).view(n, -1)
+    ex._count(_UP, send.numel(), width)
+    wire = kernels.markov_server_step(recv, ghat.clone(), gtil[mine].clone(), lay, me, width)  # (3)-(4) on copies
+    down = ex.transport.all_gather(wire).view(n, -1)
+    ex._count(_DOWN, wire.numel(), width)
+
+    def commit(state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        h, ghat, gtil = state
+        kernels.decode_shards(send.view(n, -1), h, lay, accumulate=True)  # (2) h_i += c_i
+        # (3) ghat += mean_i c_i and this shard's (5), on the state; its message is the one sent
+        kernels.markov_server_step(recv, ghat, gtil[mine], lay, me, width, out=ex._kernel_buffer("down", width))
+        kernels.decode_shards(down, gtil, lay, accumulate=True, skip=me)  # (5) on every other shard
+        return gtil
+
+    return commit
+
+
 def error_feedback_encode_up(ex: CompressedExchange, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     """Worker step (1) on the fused kernels: ``p = x + e``; returns the messages of ``C(p)``, shard after
     shard (the exchange's buffer, rewritten next step); ``e = p - C(p)`` in place."""

@@ -24,6 +24,8 @@ A ``KernelImpl``:
 * ``ready(ex, x, *state) -> bool``: per-call buffer checks made after the agreement (contiguity).
 * ``run(ex, x, state, step, group) -> Tensor``: the whole fused step, with the same collectives and
   byte counting (``ex._count``) as the eager lines; ``state`` is the tuple of buffers.
+* ``prepare(ex, x, state, step, group) -> commit`` (optional): the step's collectives with no state
+  changed, and ``commit(state)`` applying the state changes (``MarkovExchange.prepare``, overlap).
 
 The Triton entries are called through ``triton_exchange``'s module attributes (``applies``,
 ``run_markov``, ``run_error_feedback``), so the tests' patches of that module take effect.
@@ -63,6 +65,7 @@ class KernelImpl:
     failure: Callable[[], object] = _no_failure
     name: str = "fused kernel"
     fix: str = "Fix it there"
+    prepare: Callable[..., Callable] | None = None
 
 
 def device_type(x: torch.Tensor) -> str:
@@ -100,13 +103,19 @@ def _cpu_markov(ex, x, state, step, group):
     return cpu_exchange.run_markov(ex, x, *state)
 
 
+def _cpu_prepare_markov(ex, x, state, step, group):
+    return cpu_exchange.prepare_markov(ex, x, *state)
+
+
 def _cpu_error_feedback(ex, x, state, step, group):
     return cpu_exchange.run_error_feedback(ex, x, *state)
 
 
 _CPU = {"agree": True, "failure": _cpu_build_failure, "name": "fused CPU kernel", "fix": "Fix the build there"}
 _TRITON = {"agree": True, "failure": _triton_failure, "name": "Triton GPU kernels", "fix": "Install triton there"}
-_CPU_MARKOV = KernelImpl(cpu_exchange.markov_applies, _cpu_markov, ready=cpu_exchange.contiguous, **_CPU)
+_CPU_MARKOV = KernelImpl(
+    cpu_exchange.markov_applies, _cpu_markov, ready=cpu_exchange.contiguous, prepare=_cpu_prepare_markov, **_CPU
+)
 _CPU_ERROR_FEEDBACK = KernelImpl(
     cpu_exchange.error_feedback_applies, _cpu_error_feedback, ready=cpu_exchange.contiguous, **_CPU
 )

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,10 @@ class BackwardOverlap:
         self._paused = 0
         #: Buckets whose exchange started during backward (before ``step()``), over all steps.
         self.started_during_backward = 0
+        #: Seconds, over all steps: the communication thread's exchanges (``prepare_s``) and the part of
+        #: them ``step()`` waited for (``exposed_s``: started late, or not finished when step() began).
+        self.prepare_s = 0.0
+        self.exposed_s = 0.0
         self._hooks = [
             p.register_post_accumulate_grad_hook(self._on_gradient)
             for group in optimizer.param_groups
@@ -112,16 +117,19 @@ class BackwardOverlap:
     @torch.no_grad()
     def _prepare(self, bucket: Bucket) -> PreparedExchange:
         """On the communication thread: the bucket's gradients into its flat buffer, then its collectives."""
-        opt = self.optimizer
+        opt, start = self.optimizer, time.perf_counter()
         grad = opt.bucket_grad(bucket)
         state = opt.ensure_bucket_state(bucket, grad)
         exchange = opt._exchange_for(bucket.index, grad.numel())
-        return exchange.prepare(grad, state, step=state[STEP] + 1, group=bucket.index)
+        prepared = exchange.prepare(grad, state, step=state[STEP] + 1, group=bucket.index)
+        self.prepare_s += time.perf_counter() - start
+        return prepared
 
     def finish(self, buckets: list[Bucket]) -> tuple[dict[int, PreparedExchange], bool]:
         """At ``step()``: start the buckets still waiting (descending order), wait for every bucket's
         collectives, and say whether any gradient changed after its bucket was started (stale here).
         Returns the prepared exchanges by bucket index (the round is then over)."""
+        waited = time.perf_counter()
         with self._lock:
             round_buckets = self._round_buckets()
             same = [(b.key, [id(p) for p in b.params]) for b in round_buckets] == [
@@ -135,6 +143,7 @@ class BackwardOverlap:
             started, stale, seen = self._started, self._stale, self._seen
             self._new_round()
         prepared = {index: future.result() for index, future in started.items()}  # re-raises a thread's error
+        self.exposed_s += time.perf_counter() - waited
         for b in buckets:
             for p in b.params:
                 if id(p) in seen:

@@ -73,9 +73,17 @@ def _assert_identical(plain, overlapped):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("block_size", [256, None])
-def test_overlapped_steps_equal_plain_steps_bit_for_bit(world, block_size):
+@pytest.mark.parametrize("block_size", [256, None], ids=["fused_cpu_kernels", "torch_lines"])
+def test_overlapped_steps_equal_plain_steps_bit_for_bit(world, block_size, monkeypatch):
+    from deepspeed_cdadam.kernels import cpu_exchange
+
+    fused = []
+    original = cpu_exchange.prepare_markov
+    monkeypatch.setattr(cpu_exchange, "prepare_markov", lambda *a: fused.append(1) or original(*a))
     plain, overlapped = _both(world, block_size=block_size)
+    # blocks of 256: the large buckets run the fused CPU kernels, the bias buckets' short shards the torch
+    # lines (both kinds in one step); one block per shard: the torch lines only
+    assert (0 < len(fused) < world * 4 * 4) if block_size else not fused
     _assert_identical(plain, overlapped)
     assert plain[0]["buckets"] == 4
     # backward completed (and started) every bucket before step(), on every rank and step
