@@ -52,11 +52,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=16, help="resnet18-fashion: first-stage channels (64 = ResNet-18)")
     parser.add_argument("--size", choices=("tiny", "minilm"), default="tiny", help="bert-*: model size")
     parser.add_argument("--text-limit", type=int, default=30000, help="text tasks: glosses read")
+    parser.add_argument("--seq-len", type=int, default=0, help="text tasks: tokens per row (0: the task's own)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--timeout-s", type=float, default=600.0, help="timeout of every collective")
     parser.add_argument("--save-dir", default="", help="DeepSpeed checkpoint folder")
     parser.add_argument("--save-every", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --save-dir")
+    parser.add_argument(
+        "--max-loss",
+        type=float,
+        default=0.0,
+        help="stop as diverged (FloatingPointError) when the training loss exceeds this (0: only on NaN/inf)",
+    )
     parser.add_argument(
         "--stop-at",
         type=int,
@@ -68,6 +75,8 @@ def parse_args() -> argparse.Namespace:
     for name in ("steps", "eval_examples", "width", "text_limit", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.seq_len < 0 or args.seq_len == 1:
+        parser.error(f"--seq-len must be 0 (the task's own) or >= 2, got {args.seq_len}")
     if any(not 0.0 < f < 1.0 for f in args.lr_decay_at):
         parser.error(f"--lr-decay-at takes fractions in (0, 1), got {args.lr_decay_at}")
     if (args.save_every or args.resume) and not args.save_dir:
@@ -193,6 +202,10 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
 
     task = TASKS[args.task](args, rank, world)
+    if args.seq_len:
+        if not hasattr(task, "seq_len"):
+            raise SystemExit(f"--seq-len: task {args.task} has no sequence length")
+        task.seq_len = args.seq_len  # read by load_data (and by the models sized by it)
     task.load_data()
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = task.build_model()
@@ -233,7 +246,7 @@ def main() -> None:
             if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
                 test_loss, test_acc = evaluate(engine, task, batch_size)
                 row.update(test_loss=test_loss, test_acc=test_acc)
-            if not math.isfinite(row["loss"]):
+            if not math.isfinite(row["loss"]) or (args.max_loss and row["loss"] > args.max_loss):
                 raise FloatingPointError(f"Training loss is {row['loss']} at step {step}: lower the lr.")
             log.write(row)
             progress.set_postfix(loss=f"{row['loss']:.4f}", MB=f"{(up + down) / 1e6:.1f}")
