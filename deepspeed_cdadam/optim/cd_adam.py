@@ -80,8 +80,10 @@ class CDAdam(CompressedOptimizer):
     **Which lr.** Start at about 1/3 of the lr you would use with AdamW and try up to 1x: the
     best CD-Adam lr was 1/3x (MLP, logistic regression) to 1x (embedding model) AdamW's, and on
     ResNet-18 CD-Adam was best at 3e-4 where Adam was still improving at 1e-3 (lr sweep in
-    ``results/comparison.md``). On SmolLM2-135M, lr 1e-4 with betas (0.9, 0.99) trained where
-    4e-4 with (0.9, 0.999) diverged (``configs/llm_cdadam.json``).
+    ``results/comparison.md``). With AdamW's betas (0.9, 0.999) turn ``bias_correction`` on: without
+    it the early steps are up to 6.6x Adam's at the same lr, and on SmolLM2-135M at lr 4e-4 the
+    compressed run diverged where the corrected one trained (``results/llm/diagnosis.md``;
+    ``configs/llm_cdadam.json``).
 
     Args:
         params: parameters or parameter groups (groups carry hyperparameters; all parameters of one
