@@ -192,6 +192,13 @@ class CompressedOptimizer(torch.optim.Optimizer):
             self._transport = TorchDistributedTransport(self._process_group, self._timeout_s)
         return self._transport
 
+    @property
+    def exchange_transport(self) -> Transport:
+        """The exchanges' transport: the optimizer's, or with ``overlap`` a communicator of its own over the
+        same ranks (``optim.overlap``), so that the training loop's own collectives between backward and
+        ``step()`` (a logged loss) never interleave with the exchanges on one communicator."""
+        return self.__dict__.get("_exchange_transport") or self.transport
+
     def _exchange_for(self, index: int, numel: int, name: str | None = None) -> Exchange:
         """The exchange of bucket ``index`` (scheme ``name``, default the optimizer's), built once.
 
@@ -212,7 +219,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"Bucket {index} has {sum(sizes)} coordinates, its buffer {numel}.")
                 layout = make_layout(sizes, self.transport.world_size, self.block_size, self.scale_blocks)
             self._exchanges[key] = make_exchange(
-                key[1], self.transport, layout, self.compressor, self.comm_stats, self.seed
+                key[1], self.exchange_transport, layout, self.compressor, self.comm_stats, self.seed
             )
         return self._exchanges[key]
 

@@ -13,7 +13,7 @@ from ..types import EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP
 from ..schedule import StepKind
 from .base import ADAM_MOMENTS, AMSGRAD_MAX, Bucket, CompressedOptimizer, Segment
 from .functional import amsgrad_direction, apply_update_
-from .overlap import BackwardOverlap, overlap_supported
+from .overlap import BackwardOverlap, overlap_supported, own_communicator
 
 
 class CDAdam(CompressedOptimizer):
@@ -169,6 +169,7 @@ class CDAdam(CompressedOptimizer):
         )  # fmt: skip
         if config.overlap:
             overlap_supported(self)
+            self._exchange_transport = own_communicator(self.transport)
             self._overlap = BackwardOverlap(self)
 
     def init_bucket_state(self, bucket: Bucket, state: dict[str, Any], zeros: torch.Tensor) -> None:

@@ -6,7 +6,8 @@ gradient hook (``register_post_accumulate_grad_hook``) on every trainable parame
 bucket's arrivals; a complete bucket is handed to one communication thread, which copies its
 gradients into the bucket's flat buffer and runs both collectives of its exchange
 (``MarkovExchange.prepare``) while backward goes on with earlier layers (torch's operators and
-the collectives release the GIL).
+the collectives release the GIL). The exchanges run on a communicator of their own
+(``own_communicator``), so the training loop may use the world group meanwhile.
 
 Every rank must issue the same collectives in the same order: buckets are started in descending
 index order only (bucket k waits for k + 1, also when its own gradients came first), and the ones
@@ -165,6 +166,14 @@ class BackwardOverlap:
         for handle in self._hooks:
             handle.remove()
         self._thread.shutdown(wait=True)
+
+
+def own_communicator(transport: Any) -> Any:
+    """A communicator of ``transport``'s ranks for the communication thread (``Transport.split`` into one
+    group: ``dist.new_group`` / ``MPI.Comm.Split``, a collective call every rank makes when building the
+    optimizer). The training loop's collectives on the world group (a loss all-reduced for logging
+    between backward and ``step()``) then never interleave with the exchanges on one communicator."""
+    return transport.split([list(range(transport.world_size))])
 
 
 def overlap_supported(optimizer: Any) -> None:

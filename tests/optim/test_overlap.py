@@ -28,7 +28,9 @@ def _model() -> torch.nn.Module:
 
 
 def _train(rank, transport, overlap, *, steps=4, clip=None, micro_batches=1, pause=False, bad_step=None, **kwargs):
-    """Train ``_model`` on rank-own batches; returns parameters, state, bytes and the optimizer's counters."""
+    """Train ``_model`` on rank-own batches; returns parameters, state, bytes and the optimizer's counters.
+    Between backward and step() the loss is all-reduced on ``transport`` (a training loop's logging), while
+    the exchanges started during backward run on the optimizer's own communicator."""
     model = _model()
     opt = CDAdam(model.parameters(), lr=1e-2, transport=transport, bucket_cap_mb=CAP_MB, overlap=overlap, **kwargs)
     gen = torch.Generator().manual_seed(rank)
@@ -43,6 +45,7 @@ def _train(rank, transport, overlap, *, steps=4, clip=None, micro_batches=1, pau
                 torch.nn.functional.mse_loss(model(x), y).backward()
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        transport.all_reduce_sum(torch.ones(1))  # the loop's own collective, as a logged loss
         opt.step()
     # by parameter (overlap creates the buckets' states in the order backward completes them)
     state = [{k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)} for p in model.parameters()]
@@ -145,7 +148,8 @@ def test_bucket_cap_fills_buckets_with_whole_parameters_in_order():
     # a parameter over the cap is a bucket alone; the next one starts a new bucket when it would pass the cap
     assert [[p.numel() for p in b.params] for b in opt.buckets()] == [[600], [30], [900], [30, 150, 5]]
     assert len(CDAdam(model.parameters(), lr=1e-3).buckets()) == 1  # no cap: one bucket per dtype and device
-    assert len(CDAdam(model.parameters(), lr=1e-3, overlap=True).buckets()) == 1  # 25 MB with overlap
+    one = InProcessWorld(1).transports[0]
+    assert len(CDAdam(model.parameters(), lr=1e-3, overlap=True, transport=one).buckets()) == 1  # 25 MB with overlap
 
 
 @pytest.mark.parametrize(
