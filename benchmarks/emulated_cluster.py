@@ -123,6 +123,20 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def begin(name: str) -> str | None:
+    """Before a benchmark on emulated clusters: ``None`` (having printed why it is skipped) without root or
+    ``ip netns``; else signals are made to run the teardown, and the machine's description (with its
+    load average before the benchmark's own work) is returned."""
+    reason = unavailable_reason()
+    if reason:
+        print(f"{name}: skipped: {reason}.")
+        return None
+    # a signal must still run the teardown: turn it into an exception
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sys.exit(f"{name}: stopped by signal; namespaces removed"))
+    return describe_machine()
+
+
 def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from exchange_methods import time_methods
@@ -208,14 +222,9 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    reason = unavailable_reason()
-    if reason:
-        print(f"emulated_cluster: skipped: {reason}.")
+    machine = begin("emulated_cluster")
+    if machine is None:
         return
-    # a signal must still run the teardown: turn it into an exception
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda *_: sys.exit("emulated_cluster: stopped by signal; namespaces removed"))
-    machine = describe_machine()  # the load average before this run's own work
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     rows = []
     with Cluster(2) as cluster, tempfile.TemporaryDirectory() as tmp:

@@ -23,7 +23,6 @@ import argparse
 import csv
 import datetime
 import os
-import signal
 import statistics
 import sys
 import tempfile
@@ -33,8 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from emulated_cluster import Cluster, unavailable_reason
-from exchange_methods import describe_machine
+from emulated_cluster import Cluster, begin
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_EXPOSED_SHARE = 0.25  # issue 16: exposed <= 25% of CD-Adam's communication time at 1 Gbit/s
@@ -157,13 +155,9 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    reason = unavailable_reason()
-    if reason:
-        print(f"overlap: skipped: {reason}.")
+    machine = begin("overlap")
+    if machine is None:
         return
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda *_: sys.exit("overlap: stopped by signal; namespaces removed"))
-    machine = describe_machine()
     rows = []
     passed = ["--width", str(args.width), "--layers", str(args.layers), "--batch", str(args.batch),
               "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
