@@ -65,7 +65,6 @@ import json
 import math
 import os
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -741,17 +740,11 @@ def main() -> None:
         worker(sys.argv[2])
         return
     args = parse_args()
-    from emulated_cluster import Cluster, unavailable_reason
+    from emulated_cluster import Cluster, begin
 
-    reason = unavailable_reason()
-    if reason:
-        print(f"time_to_accuracy: skipped: {reason}.")
+    machine = begin("time_to_accuracy")
+    if machine is None:
         return
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda *_: sys.exit("time_to_accuracy: stopped by signal; namespaces removed"))
-    from exchange_methods import describe_machine
-
-    machine = describe_machine()
     all_studies = studies(args.quick, args.steps)
     chosen = [all_studies[TASK_ALIASES[t]] for t in dict.fromkeys(args.tasks)]
     args.results.mkdir(parents=True, exist_ok=True)

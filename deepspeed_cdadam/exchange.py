@@ -112,8 +112,7 @@ class PreparedExchange:
     them and returns what ``exchange`` would have; dropping it leaves the state as it was (a step
     skipped, or redone because its gradients changed after the messages left)."""
 
-    def __init__(self, step: int, commit) -> None:
-        self.step = step
+    def __init__(self, commit) -> None:
         self._commit = commit
 
     def commit(self, state: dict) -> torch.Tensor:
@@ -286,12 +285,13 @@ class CompressedExchange(Exchange):
         for j in range(n):
             self._decode_into(send[j], j, out[lay.shard_slice(j)], shared_seed(self.seed, step, group, _UP, j, me), add=True)
 
-    def add_received_down(self, recv: torch.Tensor, out: torch.Tensor, *, step: int, group: int) -> None:
-        """``out += ctil``, every shard of the all-gathered messages down ``recv`` decoded into ``out``."""
+    def decode_down_into(self, recv: torch.Tensor, out: torch.Tensor, *, step: int, group: int, add: bool) -> None:
+        """Every shard of the all-gathered messages down ``recv`` decoded into ``out`` (``out += ctil`` with
+        ``add``, else ``out = ctil``)."""
         lay, n = self.layout, self.layout.world_size
         recv = recv.view(n, -1)
         for j in range(n):
-            self._decode_into(recv[j], j, out[lay.shard_slice(j)], shared_seed(self.seed, step, group, _DOWN, j, j), add=True)
+            self._decode_into(recv[j], j, out[lay.shard_slice(j)], shared_seed(self.seed, step, group, _DOWN, j, j), add=add)
 
     def _count(self, direction: int, handed: int, width: int) -> None:
         """Bytes of one collective: up = all_to_all of ``width``-byte messages, down = all_gather of one."""
@@ -333,13 +333,9 @@ class CompressedExchange(Exchange):
         """``send_down`` decoding every shard straight into ``out`` (``out += C`` with ``add``, else
         ``out = C``) instead of a new full-length tensor; returns ``C(shard_vec)`` on this shard, written
         into ``mine_out`` where given (which may be ``shard_vec`` itself)."""
-        n, me, lay = self.layout.world_size, self.rank, self.layout
-        seed = shared_seed(self.seed, step, group, _DOWN, me, me)
-        wire, mine = self._encode(shard_vec, me, seed, out=mine_out)
-        recv = self.transport.all_gather(wire).view(n, -1)
-        for j in range(n):
-            seed = shared_seed(self.seed, step, group, _DOWN, j, j)
-            self._decode_into(recv[j], j, out[lay.shard_slice(j)], seed, add=add)
+        me = self.rank
+        wire, mine = self._encode(shard_vec, me, shared_seed(self.seed, step, group, _DOWN, me, me), out=mine_out)
+        self.decode_down_into(self.transport.all_gather(wire), out, step=step, group=group, add=add)
         self._count(_DOWN, wire.numel(), wire.numel())
         return mine
 
@@ -468,7 +464,6 @@ class MarkovExchange(CompressedExchange):
         if impl is not None and impl.prepare is not None:
             commit_fused = impl.prepare(self, x, (h, ghat, gtil), step, group)
             return PreparedExchange(
-                step,
                 lambda state: commit_fused((state[MARKOV_STATE], state[SERVER_MARKOV_STATE], state[DOWN_MARKOV_STATE])),
             )
         me, dtype = self.rank, x.dtype
@@ -490,10 +485,10 @@ class MarkovExchange(CompressedExchange):
             h, ghat, gtil = state[MARKOV_STATE], state[SERVER_MARKOV_STATE], state[DOWN_MARKOV_STATE]
             self.add_sent_up(send, h, step=step, group=group)  # (2) h_i += c_i
             ghat += self.mean_up(recv_up, dtype, step=step, group=group)  # (3)
-            self.add_received_down(recv_down, gtil, step=step, group=group)  # (5) gtil += ctil
+            self.decode_down_into(recv_down, gtil, step=step, group=group, add=True)  # (5) gtil += ctil
             return gtil
 
-        return PreparedExchange(step, commit)
+        return PreparedExchange(commit)
 
 
 class ErrorFeedbackExchange(CompressedExchange):
