@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import glob
 import os
 import secrets
 import shutil
@@ -27,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -90,24 +92,54 @@ class Cluster:
             sh("ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf",
                "rate", rate, "burst", burst, "latency", "50ms")  # fmt: skip
 
-    def run_ranks(self, worker_args: list[str], timeout_s: float, script: str = __file__) -> None:
-        """Run ``script --worker worker_args`` once per rank, each in its namespace."""
+    def run_ranks(
+        self,
+        worker_args: list[str],
+        timeout_s: float,
+        script: str = __file__,
+        logs_dir: Path | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        """Run ``script --worker worker_args`` once per rank, each in its namespace (env: the rendezvous,
+        RANK, LOCAL_RANK, WORLD_SIZE; output to ``logs_dir/rank<r>.log`` where given). Raises
+        ``RuntimeError`` saying why when a rank fails or the time is up; the other ranks are stopped at once
+        (they would wait for the failed one until the collectives' timeout)."""
         port = 29000 + secrets.randbelow(1000)
-        procs = []
+        procs, logs = [], []
         for rank, ns in enumerate(self.namespaces):
             env = dict(os.environ, MASTER_ADDR=self.addresses[0], MASTER_PORT=str(port), RANK=str(rank),
-                       WORLD_SIZE=str(self.world), LOCAL_WORLD_SIZE=str(self.world),  # all on this machine
-                       GLOO_SOCKET_IFNAME="eth0")  # fmt: skip
-            cmd = ["ip", "netns", "exec", ns, sys.executable, script, "--worker", *worker_args]
-            procs.append(subprocess.Popen(cmd, env=env))
+                       LOCAL_RANK=str(rank), WORLD_SIZE=str(self.world), LOCAL_WORLD_SIZE=str(self.world),
+                       GLOO_SOCKET_IFNAME="eth0", PYTHONUNBUFFERED="1")  # fmt: skip  (all ranks on this machine)
+            if logs_dir is not None:
+                logs.append(open(Path(logs_dir) / f"rank{rank}.log", "w"))  # closed below
+            cmd = ["ip", "netns", "exec", ns, sys.executable, str(script), "--worker", *worker_args]
+            output = {"stdout": logs[-1], "stderr": subprocess.STDOUT} if logs else {}
+            procs.append(subprocess.Popen(cmd, env=env, cwd=cwd, **output))
+        deadline, failure = time.monotonic() + timeout_s, None
         try:
-            for p in procs:
-                if p.wait(timeout=timeout_s) != 0:
-                    raise RuntimeError(f"a rank exited with {p.returncode}")
+            while failure is None and any(p.poll() is None for p in procs):
+                bad = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+                if bad:
+                    failure = f"rank {bad[0]} exited with {procs[bad[0]].returncode}"
+                elif time.monotonic() > deadline:
+                    failure = f"timed out after {timeout_s:.0f} s"
+                else:
+                    time.sleep(0.5)
+            if failure is None:
+                bad = [r for r, p in enumerate(procs) if p.returncode != 0]
+                failure = f"rank {bad[0]} exited with {procs[bad[0]].returncode}" if bad else None
         finally:
             for p in procs:
                 if p.poll() is None:
                     p.kill()
+                    p.wait()
+            for fh in logs:
+                fh.close()
+            # DeepSpeed's CPU shared-memory all-reduce buffers (named by address and port) are never removed
+            for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{self.addresses[0]}_{port}_*"):
+                os.remove(path)
+        if failure is not None:
+            raise RuntimeError(failure)
 
 
 def unavailable_reason() -> str | None:

@@ -60,11 +60,9 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import glob
 import json
 import math
 import os
-import secrets
 import statistics
 import subprocess
 import sys
@@ -381,43 +379,13 @@ def comm_breakdown(events: list[tuple[str, int, float, float, bool]], steps: lis
 
 # ----------------------------------------------------------------------------- launching
 def launch(cluster, spec_path: Path, out: Path, timeout_s: float) -> str | None:
-    """Run the worker once per rank in its namespace (env as ``Cluster.run_ranks``, plus LOCAL_RANK;
-    output to ``rank<r>.log``). Returns None, or why the run failed. Unlike ``run_ranks`` it stops the
-    other ranks as soon as one fails (they would wait for it until the collectives' timeout)."""
-    port = 29000 + secrets.randbelow(1000)
-    procs, logs = [], []
-    for rank, ns in enumerate(cluster.namespaces):
-        env = dict(os.environ, MASTER_ADDR=cluster.addresses[0], MASTER_PORT=str(port), RANK=str(rank),
-                   LOCAL_RANK=str(rank), WORLD_SIZE=str(cluster.world), LOCAL_WORLD_SIZE=str(cluster.world),
-                   GLOO_SOCKET_IFNAME="eth0", PYTHONUNBUFFERED="1")  # fmt: skip
-        logs.append(open(out / f"rank{rank}.log", "w"))  # closed below
-        cmd = ["ip", "netns", "exec", ns, sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)]
-        procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=logs[-1], stderr=subprocess.STDOUT))
-    deadline, failure = time.monotonic() + timeout_s, None
+    """Run the worker once per rank in its namespace (``Cluster.run_ranks``, output to ``out/rank<r>.log``).
+    Returns None, or why the run failed."""
     try:
-        while any(p.poll() is None for p in procs):
-            bad = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
-            if bad:
-                failure = f"rank {bad[0]} exited with {procs[bad[0]].returncode}"
-                break
-            if time.monotonic() > deadline:
-                failure = f"timed out after {timeout_s:.0f} s"
-                break
-            time.sleep(0.5)
-        else:
-            bad = [r for r, p in enumerate(procs) if p.returncode != 0]
-            failure = f"rank {bad[0]} exited with {procs[bad[0]].returncode}" if bad else None
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for fh in logs:
-            fh.close()
-        # DeepSpeed's CPU shared-memory all-reduce buffers (named by address and port) are never removed
-        for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{cluster.addresses[0]}_{port}_*"):
-            os.remove(path)
-    return failure
+        cluster.run_ranks([str(spec_path)], timeout_s, script=str(Path(__file__).resolve()), logs_dir=out, cwd=ROOT)
+    except RuntimeError as err:
+        return str(err)
+    return None
 
 
 def error_of(out: Path, world: int) -> str:
