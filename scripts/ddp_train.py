@@ -366,6 +366,7 @@ def main() -> None:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
     dist.barrier()
+    dist.destroy_process_group()  # before exit: a live group's threads can abort the exit
 
 
 if __name__ == "__main__":

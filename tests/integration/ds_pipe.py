@@ -55,3 +55,5 @@ torch.save(
     },
     f"{args.out}/pipe{rank}.pt",
 )
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()  # see ds_train.py

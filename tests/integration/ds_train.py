@@ -195,3 +195,7 @@ torch.save(record, f"{args.out}/rank{rank}.pt")
 if rank == 0:
     with open(f"{args.out}/done.json", "w") as fh:
         json.dump({"steps": args.steps}, fh)
+# Leave the process group before exit: otherwise its threads can outlive the interpreter and the
+# rank aborts at exit ("terminate called without an active exception", seen with DeepSpeed 0.19.8).
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
