@@ -11,6 +11,11 @@ and written to ``results/compare/configs/``. Writes under ``results/``: one fold
 "Bytes to reach loss L": the bytes one rank had sent when the training loss (EMA over 20 steps)
 first reached L, where L is the worst final EMA loss among the optimizers compared (so all of them
 reach it). This is the paper's "bits at equal training loss".
+
+Seeds: CD-Adam (block 256 on BERT), 1-bit Adam and Adam also run with ``--seed`` 1 and 2 (``SEEDS``; seed 0 is the run of
+the main table; a seed sets the initial weights, the order of the batches and dropout), and the
+report gives each metric's mean and spread over the seeds, and CD-Adam's gap to Adam in units of its
+standard error (``--no-seeds`` skips them; ~25 min).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -60,6 +67,8 @@ class Study:
     micro_batch: int
     flags: tuple[str, ...]
     extra_optimizers: tuple[str, ...] = ()  # configs beyond OPTIMIZERS, e.g. a CD-Adam variant
+    #: run with every seed of SEEDS: the CD-Adam config the README recommends for the task (first), 1-bit Adam, Adam
+    seed_optimizers: tuple[str, ...] = ("cdadam", "onebitadam", "adam")
 
 
 def studies(quick: bool) -> list[Study]:
@@ -93,10 +102,12 @@ def studies(quick: bool) -> list[Study]:
             ("--size", "tiny", "--eval-every", str(int(100 * scale)), "--eval-examples", "256"),
             # SketchedAMSGrad is left out: ~10 s per step on this model on one CPU core (its hashes in eager torch)
             ("cdadam_block256", "birder", "zero_one_adam", "onebit_lamb"),
+            ("cdadam_block256", "onebitadam", "adam"),  # block 2048 stalls on the embedding rows
         ),
     ]
 
 
+SEEDS = (0, 1, 2)  # seed 0: the run of the main table
 SWEEP_LRS = (3e-5, 1e-4, 3e-4, 1e-3)
 SWEEP_OPTIMIZERS = ("cdadam", "adam")
 
@@ -118,10 +129,19 @@ def write_config(study: Study, optimizer: str, lr: float | None, steps: int, out
 
 
 def run(
-    study: Study, optimizer: str, results: Path, *, lr: float | None = None, steps: int | None = None, fresh: bool
+    study: Study,
+    optimizer: str,
+    results: Path,
+    *,
+    lr: float | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    fresh: bool,
 ) -> Path:
     steps = steps or study.steps
     tag = f"{study.name}/{optimizer}" + (f"_lr{lr:g}" if lr is not None else "")
+    if seed:
+        tag = f"{study.name}/seeds/{optimizer}" + (f"_lr{lr:g}" if lr is not None else "") + f"_seed{seed}"
     out = results / "compare" / tag
     config = write_config(
         study, optimizer, lr, steps, results / "compare" / "configs" / f"{tag.replace('/', '_')}.json"
@@ -145,6 +165,7 @@ def run(
         str(steps),
         "--out",
         str(out),
+        *(("--seed", str(seed)) if seed else ()),
         *study.flags,
     ]
     print(f"[compare] {tag}: {' '.join(cmd[1:])}", flush=True)
@@ -235,6 +256,91 @@ def table(study: Study, runs: dict[str, list[dict]], summaries: dict[str, dict])
     return lines + [""]
 
 
+@dataclass
+class SeedResult:
+    final_loss: float  # EMA training loss at the last step
+    test_loss: float
+    test_acc: float
+    mb_sent: float
+    diverged: bool
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def gap_in_standard_errors(a: list[float], b: list[float]) -> float:
+    """(mean(a) - mean(b)) / sqrt(var(a)/n_a + var(b)/n_b): Welch's t statistic, how many standard
+    errors of the difference the gap is (inf when both spreads are 0 and the means differ)."""
+    (ma, sa), (mb, sb) = mean_spread(a), mean_spread(b)
+    se = math.sqrt(sa**2 / len(a) + sb**2 / len(b))
+    return (ma - mb) / se if se > 0 else (0.0 if ma == mb else math.copysign(math.inf, ma - mb))
+
+
+def seed_results(study: Study, results: Path, fresh: bool) -> dict[str, list[SeedResult]]:
+    out: dict[str, list[SeedResult]] = {}
+    for opt in study.seed_optimizers:
+        for seed in SEEDS:
+            folder = run(study, opt, results, seed=seed, fresh=fresh)
+            rows = read_rows(folder)
+            s = json.loads((folder / "summary.json").read_text())
+            out.setdefault(opt, []).append(
+                SeedResult(
+                    ema([r["loss"] for r in rows])[-1], s["test_loss"], s["test_acc"], s["bytes_total"] / 1e6, diverged(rows)
+                )
+            )
+    return out
+
+
+def seeds_section(study: Study, by_opt: dict[str, list[SeedResult]]) -> list[str]:
+    lines = [
+        f"#### {study.task}: over seeds {', '.join(map(str, SEEDS))} (mean ± sample standard deviation)",
+        "",
+        "| optimizer | seeds (diverged) | final train loss (EMA) | test loss | test acc | MB sent |",
+        "|---|---|---|---|---|---|",
+    ]
+    for opt, rs in by_opt.items():
+        cells = []
+        for field, fmt in (("final_loss", ".4f"), ("test_loss", ".4f"), ("test_acc", ".4f"), ("mb_sent", ".1f")):
+            m, sd = mean_spread([getattr(r, field) for r in rs])
+            cells.append(f"{m:{fmt}} ± {sd:{fmt}}")
+        n_div = sum(r.diverged for r in rs)
+        lines.append(f"| {LABELS[opt]} | {len(rs)} ({n_div}) | " + " | ".join(cells) + " |")
+    cd_name = study.seed_optimizers[0]
+    cd, adam = by_opt[cd_name], by_opt["adam"]
+    acc_gap = gap_in_standard_errors([r.test_acc for r in cd], [r.test_acc for r in adam])
+    loss_gap = gap_in_standard_errors([r.test_loss for r in cd], [r.test_loss for r in adam])
+    d_acc = mean_spread([r.test_acc for r in cd])[0] - mean_spread([r.test_acc for r in adam])[0]
+    d_loss = mean_spread([r.test_loss for r in cd])[0] - mean_spread([r.test_loss for r in adam])[0]
+    lines += [
+        "",
+        f"{LABELS[cd_name]} minus Adam: test accuracy {d_acc:+.4f} ({acc_gap:+.1f} standard errors of the difference), "
+        f"test loss {d_loss:+.4f} ({loss_gap:+.1f} SE). Within about 2 SE is within the seed noise of "
+        f"{len(SEEDS)} seeds.",
+        "",
+    ]
+    return lines
+
+
+def plot_seeds(all_results: dict[str, dict[str, list[SeedResult]]], results: Path) -> None:
+    """Test accuracy and test loss of every seed (dots) and their mean (bar), one column per study."""
+    fig, axes = plt.subplots(2, len(all_results), figsize=(5.5 * len(all_results), 7), squeeze=False)
+    for col, (task, by_opt) in enumerate(all_results.items()):
+        for row, (field, label) in enumerate((("test_acc", "test accuracy"), ("test_loss", "test loss"))):
+            ax = axes[row][col]
+            for i, (opt, rs) in enumerate(by_opt.items()):
+                values = [getattr(r, field) for r in rs]
+                ax.bar(i, statistics.fmean(values), color=f"C{i}", alpha=0.35)
+                ax.scatter([i] * len(values), values, color=f"C{i}", zorder=3)
+            ax.set_xticks(range(len(by_opt)), [LABELS[o] for o in by_opt], fontsize=8)
+            ax.set(ylabel=label, title=f"{task}: {label}, seeds {', '.join(map(str, SEEDS))}")
+            ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(results / "seeds.png", dpi=110)
+    plt.close(fig)
+
+
 def sweep_section(study: Study, results: Path, fresh: bool, steps: int) -> list[str]:
     finals: dict[str, list[tuple[float, float, float]]] = {}
     for opt in SWEEP_OPTIMIZERS:
@@ -276,6 +382,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="10%% of the steps: a smoke test, not a result")
     parser.add_argument("--fresh", action="store_true", help="rerun runs that already have a summary")
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--no-seeds", action="store_true", help=f"skip seeds {SEEDS[1:]} (~25 min)")
     args = parser.parse_args()
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -289,6 +396,7 @@ def main() -> None:
         "",
     ]
     all_studies = studies(args.quick)
+    by_seed: dict[str, dict[str, list[SeedResult]]] = {}
     for study in all_studies:
         runs, summaries = {}, {}
         for opt in OPTIMIZERS + study.extra_optimizers:
@@ -297,6 +405,12 @@ def main() -> None:
             summaries[opt] = json.loads((folder / "summary.json").read_text())
         plot_study(study, runs, results)
         report += table(study, runs, summaries) + [f"![{study.name}]({study.name}.png)", ""]
+        if not args.no_seeds:
+            by_seed[study.task] = seed_results(study, results, args.fresh)
+            report += seeds_section(study, by_seed[study.task])
+    if by_seed:
+        plot_seeds(by_seed, results)
+        report += ["![seeds](seeds.png)", ""]
     if not args.no_sweep:
         sweep_steps = max(all_studies[0].steps // 2, 10)
         report += sweep_section(all_studies[0], results, args.fresh, sweep_steps) + ["![lr sweep](lr_sweep.png)", ""]
