@@ -6,7 +6,8 @@
 For each world size, ``emulated_cluster.Cluster`` puts one rank per network namespace (veth +
 bridge, ``tc`` tbf at each rate); for each rate, task and method, one whole training run goes over
 it: ``scripts/train.py`` (DeepSpeed methods: the committed ``configs/<task>_*.json`` scaled as
-``scripts/compare.py`` scales them, with its step counts, micro batches and flags) or
+``scripts/compare.py`` scales them, with its step counts, micro batches and flags; CD-Adam: the task's
+recommended config, ``compare.Study.cdadam_config``, blocks of 256 on BERT) or
 ``scripts/ddp_train.py`` (PyTorch DDP + AdamW with the task's Adam config and a comm hook). Methods
 (``METHODS``): AdamW with DeepSpeed's fp32 all-reduce; DDP with PowerSGD (rank 1, 4; its default
 warm-up, ``--powersgd-start-iter``), DDP with the bf16 compression hook; 1-bit Adam; CD-Adam
@@ -125,7 +126,7 @@ def studies(quick: bool, steps: int | None) -> dict:
         )
         out["bert_mlm"] = compare.Study(
             "bert_mlm", "bert-mlm", "bert", 12, 4,
-            ("--size", "tiny", "--text-limit", "2000", "--eval-examples", "32"),
+            ("--size", "tiny", "--text-limit", "2000", "--eval-examples", "32"), cdadam_config="cdadam_block256",
         )  # fmt: skip
     if steps:
         out = {k: compare.Study(**{**vars(s), "steps": steps}) for k, s in out.items()}
@@ -141,7 +142,9 @@ def run_spec(study, method: Method, args: argparse.Namespace, out: Path) -> dict
     """What the worker runs: trainer, its argv (config written into ``out``), the profiled steps."""
     import compare
 
-    config_path = compare.write_config(study, method.config, None, study.steps, out / "config.json")
+    # CD-Adam runs the task's recommended config (blocks of 256 on BERT: compare.Study.cdadam_config)
+    name = study.cdadam_config if method.config == "cdadam" else method.config
+    config_path = compare.write_config(study, name, None, study.steps, out / "config.json")
     config = json.loads(config_path.read_text())
     params = dict(method.params)
     if args.lr:

@@ -105,6 +105,8 @@ def test_overlap_benchmark_runs_and_reports_both_settings(tmp_path):
     assert off["comm_s"] == off["exposed_s"]  # without overlap all of the exchange is waited for
     assert float(on["exposed_s"]) <= float(on["iteration_s"]) and float(on["comm_s"]) > 0
     assert off["mb_sent_per_step"] == on["mb_sent_per_step"]  # the same messages
+    for r in rows:  # the exchanging thread's CPU time: positive, and within the exchanges' wall time
+        assert 0 < float(r["comm_cpu_s"]) <= float(r["comm_s"]) + 1e-3
     assert "exposed communication" in (tmp_path / "overlap.txt").read_text()
     after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert after == before

@@ -60,6 +60,10 @@ class BackwardOverlap:
         #: them ``step()`` waited for (``exposed_s``: started late, or not finished when step() began).
         self.prepare_s = 0.0
         self.exposed_s = 0.0
+        #: CPU seconds the communication thread spent in those exchanges (``time.thread_time``: encoding,
+        #: decoding, copies; not the wait for the network). Only ``prepare_s - prepare_cpu_s`` can hide
+        #: behind backward for free; the CPU part needs a core (or a GPU stream) backward is not using.
+        self.prepare_cpu_s = 0.0
         self._hooks = [
             p.register_post_accumulate_grad_hook(self._on_gradient)
             for group in optimizer.param_groups
@@ -118,12 +122,13 @@ class BackwardOverlap:
     @torch.no_grad()
     def _prepare(self, bucket: Bucket) -> PreparedExchange:
         """On the communication thread: the bucket's gradients into its flat buffer, then its collectives."""
-        opt, start = self.optimizer, time.perf_counter()
+        opt, start, cpu = self.optimizer, time.perf_counter(), time.thread_time()
         grad = opt.bucket_grad(bucket)
         state = opt.ensure_bucket_state(bucket, grad)
         exchange = opt._exchange_for(bucket.index, grad.numel())
         prepared = exchange.prepare(grad, state, step=state[STEP] + 1, group=bucket.index)
         self.prepare_s += time.perf_counter() - start
+        self.prepare_cpu_s += time.thread_time() - cpu
         return prepared
 
     def finish(self, buckets: list[Bucket]) -> tuple[dict[int, PreparedExchange], bool]:
