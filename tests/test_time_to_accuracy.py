@@ -123,3 +123,10 @@ def test_quick_time_to_accuracy_on_the_emulated_cluster(tmp_path):
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
     assert len(made) == 3 and not [n for n in made if n in namespaces or n in links]
+
+
+def test_speedup_bound_is_adamws_step_over_its_step_without_exposed_communication():
+    assert tta.speedup_bound({"prof_step_s": 0.312, "exposed_comm_s": 0.202}) == pytest.approx(0.312 / 0.110)
+    assert tta.speedup_bound({"prof_step_s": 0.1, "exposed_comm_s": 0.0}) == pytest.approx(1.0)
+    assert tta.speedup_bound({"prof_step_s": "", "exposed_comm_s": 0.1}) is None  # not profiled
+    assert tta.speedup_bound({"prof_step_s": 0.1, "exposed_comm_s": 0.1}) is None  # no compute: no bound
