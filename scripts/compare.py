@@ -299,47 +299,63 @@ def seed_results(study: Study, results: Path, fresh: bool) -> dict[str, list[See
 
 
 def seeds_section(study: Study, by_opt: dict[str, list[SeedResult]]) -> list[str]:
+    """Mean ± spread over the seeds that did not diverge (a diverged run's loss says only that it diverged),
+    and the recommended CD-Adam's gap to Adam in standard errors."""
     lines = [
-        f"#### {study.task}: over seeds {', '.join(map(str, SEEDS))} (mean ± sample standard deviation)",
+        f"#### {study.task}: over seeds {', '.join(map(str, SEEDS))} (mean ± sample standard deviation "
+        "over the seeds that did not diverge)",
         "",
         "| optimizer | seeds (diverged) | final train loss (EMA) | test loss | test acc | MB sent |",
         "|---|---|---|---|---|---|",
     ]
     for opt, rs in by_opt.items():
+        ok = [r for r in rs if not r.diverged]
         cells = []
         for field, fmt in (("final_loss", ".4f"), ("test_loss", ".4f"), ("test_acc", ".4f"), ("mb_sent", ".1f")):
-            m, sd = mean_spread([getattr(r, field) for r in rs])
-            cells.append(f"{m:{fmt}} ± {sd:{fmt}}")
-        n_div = sum(r.diverged for r in rs)
-        lines.append(f"| {LABELS[opt]} | {len(rs)} ({n_div}) | " + " | ".join(cells) + " |")
+            counted = rs if field == "mb_sent" else ok  # a diverged run's bytes were still sent
+            if counted:
+                m, sd = mean_spread([getattr(r, field) for r in counted])
+                cells.append(f"{m:{fmt}} ± {sd:{fmt}}")
+            else:
+                cells.append("diverged")
+        lines.append(f"| {LABELS[opt]} | {len(rs)} ({len(rs) - len(ok)}) | " + " | ".join(cells) + " |")
     cd_name = study.seed_optimizers[0]
-    cd, adam = by_opt[cd_name], by_opt["adam"]
-    acc_gap = gap_in_standard_errors([r.test_acc for r in cd], [r.test_acc for r in adam])
-    loss_gap = gap_in_standard_errors([r.test_loss for r in cd], [r.test_loss for r in adam])
-    d_acc = mean_spread([r.test_acc for r in cd])[0] - mean_spread([r.test_acc for r in adam])[0]
-    d_loss = mean_spread([r.test_loss for r in cd])[0] - mean_spread([r.test_loss for r in adam])[0]
-    lines += [
-        "",
-        f"{LABELS[cd_name]} minus Adam: test accuracy {d_acc:+.4f} ({acc_gap:+.1f} standard errors of the difference), "
-        f"test loss {d_loss:+.4f} ({loss_gap:+.1f} SE). Within about 2 SE is within the seed noise of "
-        f"{len(SEEDS)} seeds.",
-        "",
-    ]
-    return lines
+    cd, adam = [r for r in by_opt[cd_name] if not r.diverged], [r for r in by_opt["adam"] if not r.diverged]
+    if len(cd) < 2 or len(adam) < 2:
+        return lines + ["", f"{LABELS[cd_name]} or Adam has fewer than 2 seeds that trained: no gap is stated.", ""]
+    verdicts = []
+    for field, name in (("test_acc", "test accuracy"), ("test_loss", "test loss")):
+        a, b = [getattr(r, field) for r in cd], [getattr(r, field) for r in adam]
+        t = gap_in_standard_errors(a, b)
+        verdicts.append(
+            f"{name} {statistics.fmean(a) - statistics.fmean(b):+.4f} ({t:+.1f} standard errors of the difference: "
+            f"{'within' if abs(t) < 2 else 'beyond'} the seed noise)"
+        )
+    return lines + ["", f"{LABELS[cd_name]} minus Adam: " + "; ".join(verdicts) + ".", ""]
 
 
 def plot_seeds(all_results: dict[str, dict[str, list[SeedResult]]], results: Path) -> None:
-    """Test accuracy and test loss of every seed (dots) and their mean (bar), one column per study."""
+    """Test accuracy and test loss of every seed that did not diverge (dots) and their mean (line), one
+    column per study."""
     fig, axes = plt.subplots(2, len(all_results), figsize=(5.5 * len(all_results), 7), squeeze=False)
     for col, (task, by_opt) in enumerate(all_results.items()):
         for row, (field, label) in enumerate((("test_acc", "test accuracy"), ("test_loss", "test loss"))):
             ax = axes[row][col]
+            names = []
             for i, (opt, rs) in enumerate(by_opt.items()):
-                values = [getattr(r, field) for r in rs]
-                ax.bar(i, statistics.fmean(values), color=f"C{i}", alpha=0.35)
-                ax.scatter([i] * len(values), values, color=f"C{i}", zorder=3)
-            ax.set_xticks(range(len(by_opt)), [LABELS[o] for o in by_opt], fontsize=8)
+                values = [getattr(r, field) for r in rs if not r.diverged]
+                if values:
+                    ax.hlines(statistics.fmean(values), i - 0.3, i + 0.3, color=f"C{i}", linewidth=2)
+                    ax.scatter([i] * len(values), values, color=f"C{i}", zorder=3)
+                n_div = len(rs) - len(values)
+                names.append(LABELS[opt] + (f"\n(diverged: {n_div})" if n_div else ""))
+            ax.set_xticks(range(len(by_opt)), names, fontsize=8)
             ax.set(ylabel=label, title=f"{task}: {label}, seeds {', '.join(map(str, SEEDS))}")
+            # the values differ in the second decimal: the axis spans them (mean lines, no bars from 0)
+            kept = [getattr(r, field) for rs in by_opt.values() for r in rs if not r.diverged]
+            if kept:
+                pad = 0.1 * (max(kept) - min(kept)) or 0.01
+                ax.set_ylim(min(kept) - pad, max(kept) + pad)
             ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(results / "seeds.png", dpi=110)

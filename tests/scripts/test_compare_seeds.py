@@ -40,6 +40,21 @@ def test_seeds_section_states_the_gap_and_counts_divergence():
         "adam": [r(0.4, 0.5, 0.83, 30.0, False), r(0.4, 0.5, 0.84, 30.0, False), r(0.4, 0.5, 0.85, 30.0, False)],
     }
     text = "\n".join(compare.seeds_section(study, by_opt))
-    assert "| 1-bit Adam | 3 (1) |" in text
+    # the diverged seed is left out of the spread (its loss of 9 would dominate it)
+    assert "| 1-bit Adam | 3 (1) | 0.4000 ± 0.0000 | 0.5000 ± 0.0000 | 0.8000 ± 0.0000 | 5.0 ± 0.0 |" in text
     assert "| CD-Adam | 3 (0) | 0.4500 ± 0.0500 | 0.5500 ± 0.0500 | 0.8300 ± 0.0361 | 1.0 ± 0.0 |" in text
-    assert "test accuracy -0.0100 (-0.5 standard errors" in text
+    assert "test accuracy -0.0100 (-0.5 standard errors of the difference: within the seed noise)" in text
+    assert "test loss +0.0500 (+1.7 standard errors of the difference: within the seed noise)" in text
+
+
+def test_seeds_section_says_diverged_and_beyond_the_noise():
+    study = compare.studies(quick=True)[0]
+    r = compare.SeedResult
+    by_opt = {
+        "cdadam": [r(0.4, 0.60, 0.8, 1.0, False), r(0.4, 0.61, 0.8, 1.0, False), r(0.4, 0.62, 0.8, 1.0, False)],
+        "onebitadam": [r(9.0, 9.0, 0.0, 5.0, True)] * 3,
+        "adam": [r(0.4, 0.50, 0.8, 30.0, False), r(0.4, 0.51, 0.8, 30.0, False), r(0.4, 0.52, 0.8, 30.0, False)],
+    }
+    text = "\n".join(compare.seeds_section(study, by_opt))
+    assert "| 1-bit Adam | 3 (3) | diverged | diverged | diverged | 5.0 ± 0.0 |" in text
+    assert "test loss +0.1000 (+12.2 standard errors of the difference: beyond the seed noise)" in text
