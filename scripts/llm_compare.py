@@ -51,10 +51,11 @@ CONFIGS = {opt: f"llm_{opt}.json" for opt in LABELS}
 #: 1-bit Adam lower: its variance freezes at 1.3% of its steady value (13 steps of beta2 0.999, no bias
 #: correction), so its steps after the freeze are ~9x Adam's at the same lr; at 3e-5 it trained through the warm-up
 #: (eval loss 3.98 at step 10) and blew up right after the freeze (loss 7.4 at step 16, 792 at step 18)
-#: 3e-5 was added after the first study chose 1e-4, the sweep's lowest, for both (an edge of the sweep)
+#: 3e-5 was added after the first study chose 1e-4, the sweep's lowest, for both (an edge of the sweep);
+#: then 1e-5 for CD-Adam, which chose 3e-5 (the edge again; AdamW kept 1e-4)
 SWEEP_LRS = {
     "adamw": (3e-5, 1e-4, 3e-4, 1e-3),
-    "cdadam": (3e-5, 1e-4, 3e-4, 1e-3),
+    "cdadam": (1e-5, 3e-5, 1e-4, 3e-4, 1e-3),
     "onebitadam": (3e-5,),  # 1e-5 too was planned; cut to fit the session (3e-5 diverged after the freeze)
 }
 SEEDS = {"adamw": (0, 1, 2), "cdadam": (0, 1, 2), "onebitadam": (0,)}
