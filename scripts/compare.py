@@ -144,9 +144,8 @@ def run(
     fresh: bool,
 ) -> Path:
     steps = steps or study.steps
-    tag = f"{study.name}/{optimizer}" + (f"_lr{lr:g}" if lr is not None else "")
-    if seed:
-        tag = f"{study.name}/seeds/{optimizer}" + (f"_lr{lr:g}" if lr is not None else "") + f"_seed{seed}"
+    name = optimizer + (f"_lr{lr:g}" if lr is not None else "")
+    tag = f"{study.name}/seeds/{name}_seed{seed}" if seed else f"{study.name}/{name}"
     out = results / "compare" / tag
     config = write_config(
         study, optimizer, lr, steps, results / "compare" / "configs" / f"{tag.replace('/', '_')}.json"
@@ -275,11 +274,15 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def standard_error_of_difference(a: list[float], b: list[float]) -> float:
+    """sqrt(var(a)/n_a + var(b)/n_b), with sample variances: the standard error of mean(a) - mean(b)."""
+    return math.sqrt(mean_spread(a)[1] ** 2 / len(a) + mean_spread(b)[1] ** 2 / len(b))
+
+
 def gap_in_standard_errors(a: list[float], b: list[float]) -> float:
-    """(mean(a) - mean(b)) / sqrt(var(a)/n_a + var(b)/n_b): Welch's t statistic, how many standard
+    """(mean(a) - mean(b)) / standard_error_of_difference(a, b): Welch's t statistic, how many standard
     errors of the difference the gap is (inf when both spreads are 0 and the means differ)."""
-    (ma, sa), (mb, sb) = mean_spread(a), mean_spread(b)
-    se = math.sqrt(sa**2 / len(a) + sb**2 / len(b))
+    ma, mb, se = statistics.fmean(a), statistics.fmean(b), standard_error_of_difference(a, b)
     return (ma - mb) / se if se > 0 else (0.0 if ma == mb else math.copysign(math.inf, ma - mb))
 
 

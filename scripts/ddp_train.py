@@ -343,6 +343,7 @@ def main() -> None:
             log.write(row)
             progress.set_postfix(loss=f"{row['loss']:.4f}", MB=f"{sent / 1e6:.1f}")
 
+    summary = None
     if rank == 0:
         summary = {
             "task": args.task,
@@ -363,10 +364,7 @@ def main() -> None:
             "bytes_check": check,
             "config": config,
         }
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
-    dist.barrier()
-    dist.destroy_process_group()  # before exit: a live group's threads can abort the exit
+    train.finish(out, summary)
 
 
 if __name__ == "__main__":

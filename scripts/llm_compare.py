@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import ema, read_rows  # noqa: E402  (also selects matplotlib's Agg backend)
+from compare import ema, read_rows, standard_error_of_difference  # noqa: E402  (also selects matplotlib's Agg backend)
 
 import matplotlib.pyplot as plt  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -454,7 +454,7 @@ def study_report(sweep: dict[str, list[Run]], chosen: dict[str, list[Run]], budg
     c = [r.eval_loss for r in done.get("cdadam", [])]
     if len(a) > 1 and len(c) > 1:
         gap = statistics.mean(c) - statistics.mean(a)
-        se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(c) / len(c))
+        se = standard_error_of_difference(a, c)
         inside = min(a) <= statistics.mean(c) <= max(a)
         lines.append(
             f"CD-Adam - AdamW, mean final eval loss: {gap:+.4f} (standard error of the difference {se:.4f}: "

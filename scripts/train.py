@@ -192,6 +192,17 @@ def evaluate(engine, task, batch_size: int) -> tuple[float, float]:
     return float(total[0] / total[2]), float(total[1] / total[2])
 
 
+def finish(out: Path, summary: dict | None) -> None:
+    """The end of a run: the rank holding ``summary`` writes ``summary.json`` and prints it (without the
+    config); then every rank waits for the others and leaves the process group (a live group's threads
+    can abort the interpreter's exit)."""
+    if summary is not None:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -254,6 +265,7 @@ def main() -> None:
                 client = {"engine_bytes": meter.engine_bytes, "wall_s": row["wall_s"]}
                 engine.save_checkpoint(args.save_dir, client_state=client)
 
+    summary = None
     if rank == 0 and last == args.steps and first <= last:
         up, down = meter.up_down()
         summary = {
@@ -271,10 +283,7 @@ def main() -> None:
             "wall_s": row["wall_s"],
             "config": json.loads(Path(args.deepspeed_config).read_text()),
         }
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
-    dist.barrier()
-    dist.destroy_process_group()  # before exit: a live group's threads can abort the exit
+    finish(out, summary)
 
 
 if __name__ == "__main__":
