@@ -3,6 +3,7 @@
     python scripts/llm_compare.py              # the whole study (11 runs of 80 steps, ~75-90 min on 2 cores)
     python scripts/llm_compare.py --quick      # a smoke version (a few steps per run; not a result)
     python scripts/llm_compare.py --diagnose   # also (first) the short lr-4e-4 runs of issue 16's divergence
+    python scripts/llm_compare.py --gap        # also where CD-Adam's gap to AdamW comes from (~70 min more)
     python scripts/llm_compare.py --report     # only rewrite the tables and plots from the runs on disk
 
 Stages, each run one ``deepspeed --num_gpus 2 scripts/train.py`` with a config built from a committed
@@ -90,6 +91,9 @@ QUICK = Budget(steps=4, micro_batch=4, seq_len=32, eval_every=2, eval_examples=1
 #: issue 16's divergence, cheaper: lr 4e-4, betas (0.9, 0.999), wd 0.01 (the BERT configs), 25 steps
 DIAGNOSIS = Budget(steps=25, micro_batch=4, seq_len=32, eval_every=5, eval_examples=128, text_limit=20000)
 DIAGNOSIS_QUICK = Budget(steps=3, micro_batch=4, seq_len=32, eval_every=1, eval_examples=16, text_limit=2000)
+#: the gap study's longer runs: 3x the study's steps, the same batches and eval rows
+LONG = Budget(steps=240, micro_batch=4, seq_len=32, eval_every=40, eval_examples=128, text_limit=20000, max_loss=12)
+LONG_QUICK = Budget(steps=6, micro_batch=4, seq_len=32, eval_every=3, eval_examples=16, text_limit=2000, max_loss=12)
 
 
 @dataclass
@@ -293,6 +297,83 @@ def diagnosis_report(runs: list[Run], results: Path) -> list[str]:
     fig.savefig(results / "llm_diagnosis.png", dpi=110)
     plt.close(fig)
     return lines + ["", "![diagnosis](llm_diagnosis.png)", ""]
+
+
+# ---------------------------------------------------------------------------------------------
+# where CD-Adam's gap to AdamW comes from (run with --gap, after the study)
+
+#: (name, label, optimizer params over configs/llm_cdadam.json). CD-Adam's update differs from AdamW's in three
+#: places besides compression (optim/cd_adam.py): AMSGrad's max, eps inside the square root (1e-8 floors the
+#: denominator at 1e-4, AdamW's at 1e-8) and the compressed gradient the moments see. eps 1e-16 puts the floor
+#: where AdamW's is; "exchange": "none" removes the compression (an exact all-reduce, the same update rule).
+GAP_VARIANTS = (
+    ("cdadam_exact", "CD-Adam's rule, exact all-reduce (eps 1e-8)", {"exchange": "none"}),
+    ("cdadam_exact_eps1e-16", "CD-Adam's rule, exact all-reduce, eps 1e-16", {"exchange": "none", "eps": 1e-16}),
+    ("cdadam_eps1e-16", "CD-Adam (compressed), eps 1e-16", {"eps": 1e-16}),
+)
+GAP_LRS = (3e-5, 1e-4)  # CD-Adam's and AdamW's picks in the study
+GAP_SEEDS = (1, 2)  # for the exact rule at its better lr: is the rule alone inside AdamW's seed range?
+
+
+def gap_run(name: str, label: str, params: dict, lr: float, budget: Budget, seed: int = 0) -> Run:
+    return Run(f"gap/{name}_lr{lr:g}_seed{seed}", name, make_config(CONFIGS["cdadam"], budget, lr=lr, **params),
+               budget, seed=seed, lr=lr, label=label)  # fmt: skip
+
+
+def long_run(opt: str, lr: float, budget: Budget) -> Run:
+    return Run(f"long/{opt}_lr{lr:g}_{budget.steps}steps", opt, make_config(CONFIGS[opt], budget, lr=lr), budget,
+               lr=lr, label=LABELS[opt])  # fmt: skip
+
+
+def gap_report(chosen: dict[str, list[Run]], variants: dict[str, list[Run]], seeds: list[Run], longs: list[Run],
+               budget: Budget) -> list[str]:
+    """The study's two rows, then each variant at each lr (seed 0; seeds for the exact rule), then the long runs."""
+    adamw = [r.eval_loss for r in chosen["adamw"] if r.summary]
+    base = statistics.mean(adamw)
+    lines = [
+        f"### Where CD-Adam's gap comes from ({budget.steps} steps, the study's budget)",
+        "",
+        "Final eval loss; gap: minus AdamW's mean over its seeds at its chosen lr "
+        f"({chosen['adamw'][0].lr:g}: {base:.4f}, seed range {min(adamw):.4f}–{max(adamw):.4f}). All CD-Adam rows "
+        "use `configs/llm_cdadam.json` (betas (0.9, 0.999), bias correction, blocks of 256) with one change.",
+        "",
+        "| run | lr | seeds | eval loss | gap to AdamW | MB sent |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def row(label: str, runs: list[Run]) -> str:
+        done = [r for r in runs if r.summary]
+        if not done:
+            why = next((r.failed for r in runs if r.failed), "not run")
+            return f"| {label} | {runs[0].lr:g} | {len(runs)} | {why} | — | — |"
+        ev = [r.eval_loss for r in done]
+        mb = statistics.mean(r.summary["bytes_total"] for r in done) / 1e6
+        return (f"| {label} | {done[0].lr:g} | {len(done)} | {mean_spread(ev)} | "
+                f"{statistics.mean(ev) - base:+.4f} | {mb:,.0f} |")  # fmt: skip
+
+    for opt in ("adamw", "cdadam"):
+        lines.append(row(f"{LABELS[opt]} (the study)", chosen[opt]))
+    for name, runs in variants.items():
+        for r in runs:
+            with_seeds = [r] + [s for s in seeds if s.optimizer == name and s.lr == r.lr]
+            lines.append(row(r.label, with_seeds))
+    if longs:
+        steps = longs[0].budget.steps
+        lines += [
+            "",
+            f"Longer runs ({steps} steps, seed 0, each optimizer at the study's lr; eval every "
+            f"{longs[0].budget.eval_every} steps):",
+            "",
+            "| run | lr | " + " | ".join(f"step {s}" for s in range(longs[0].budget.eval_every, steps + 1,
+                                                                   longs[0].budget.eval_every)) + " |",
+            "|---|---|" + "---|" * (steps // longs[0].budget.eval_every),
+        ]
+        for r in longs:
+            evals = {int(x["step"]): x["test_loss"] for x in r.rows if x["test_loss"] is not None}
+            cells = [f"{evals[s]:.4f}" if s in evals else "—"
+                     for s in range(r.budget.eval_every, steps + 1, r.budget.eval_every)]  # fmt: skip
+            lines.append(f"| {r.label} | {r.lr:g} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,6 +581,8 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="rerun runs that already have a summary")
     parser.add_argument("--diagnose", action="store_true", help="also run issue 16's divergence diagnosis (~25 min)")
     parser.add_argument("--no-study", action="store_true", help="skip the sweep and the seeds (with --diagnose)")
+    parser.add_argument("--gap", action="store_true",
+                        help="also run where CD-Adam's gap comes from (GAP_VARIANTS, long runs; ~70 min)")
     parser.add_argument("--report", action="store_true", help="run nothing: tables and plots from the runs on disk")
     args = parser.parse_args()
     results = Path(args.results)
@@ -523,6 +606,9 @@ def main() -> None:
         if sweep_plan:
             n_runs = sum(map(len, sweep_plan.values())) + sum(len([s for s in v if s]) for v in seeds.values())
             total += budget.steps * n_runs
+        if args.gap:
+            long_budget = LONG_QUICK if args.quick else LONG
+            total += budget.steps * (len(GAP_VARIANTS) * len(GAP_LRS) + len(GAP_SEEDS)) + 2 * long_budget.steps
     runner = Runner(results, args.fresh, total, ROOT / "results" / "tmp" / "llm_logs")
     load = lambda run: Runner._load(run, results / "runs" / run.tag)  # noqa: E731
     execute = load if args.report else runner
@@ -553,6 +639,24 @@ def main() -> None:
                 report += study_report(sweep, chosen, budget)
             else:
                 report += ["(The head-to-head has not been run yet: `python scripts/llm_compare.py`.)", ""]
+            gap_plan = {name: [gap_run(name, label, params, lr, budget) for lr in GAP_LRS]
+                        for name, label, params in GAP_VARIANTS}  # fmt: skip
+            long_budget = LONG_QUICK if args.quick else LONG
+            long_plan = [long_run(opt, chosen[opt][0].lr, long_budget) for opt in ("adamw", "cdadam")]
+            if args.gap or all(on_disk(r, results) for r in [*sum(gap_plan.values(), []), *long_plan]):
+                gap_execute = execute if args.gap else load
+                variants = {name: [gap_execute(r) for r in runs] for name, runs in gap_plan.items()}
+                exact = variants["cdadam_exact"]
+                lr = best_lr(exact)
+                label, params = exact[0].label, next(v[2] for v in GAP_VARIANTS if v[0] == "cdadam_exact")
+                gap_seeds = [gap_execute(gap_run("cdadam_exact", label, params, lr, budget, seed)) for seed in GAP_SEEDS]
+                longs = [gap_execute(r) for r in long_plan]
+                section = gap_report(chosen, variants, gap_seeds, longs, budget)
+                (results / "gap.md").write_text("\n".join(section))
+                report += section
+                write_summary_csv(diag + [r for runs in sweep.values() for r in runs] + extra
+                                  + [r for runs in variants.values() for r in runs] + gap_seeds + longs,
+                                  results / "summary.csv")  # fmt: skip
     finally:
         runner.close()
     (results / "comparison.md").write_text("\n".join(report))
