@@ -3,7 +3,7 @@
     python scripts/llm_compare.py              # the whole study (11 runs of 80 steps, ~75-90 min on 2 cores)
     python scripts/llm_compare.py --quick      # a smoke version (a few steps per run; not a result)
     python scripts/llm_compare.py --diagnose   # also (first) the short lr-4e-4 runs of issue 16's divergence
-    python scripts/llm_compare.py --gap        # also where CD-Adam's gap to AdamW comes from (~70 min more)
+    python scripts/llm_compare.py --gap        # also where CD-Adam's gap to AdamW comes from (~80 min more)
     python scripts/llm_compare.py --report     # only rewrite the tables and plots from the runs on disk
 
 Stages, each run one ``deepspeed --num_gpus 2 scripts/train.py`` with a config built from a committed
@@ -310,6 +310,10 @@ GAP_VARIANTS = (
     ("cdadam_exact", "CD-Adam's rule, exact all-reduce (eps 1e-8)", {"exchange": "none"}),
     ("cdadam_exact_eps1e-16", "CD-Adam's rule, exact all-reduce, eps 1e-16", {"exchange": "none", "eps": 1e-16}),
     ("cdadam_eps1e-16", "CD-Adam (compressed), eps 1e-16", {"eps": 1e-16}),
+    # finer scales: 1.5 bits per coordinate (21.3x fewer bytes than fp32, under the 25x target); 64 divides every
+    # SmolLM2 row length (576, 1536), so on server shard 0 (it opens with the tied embedding) no block straddles two
+    # rows (shard 1 starts at 134,515,008 / 2, 32 past a multiple of 64)
+    ("cdadam_block64", "CD-Adam (compressed), blocks of 64", {"block_size": 64}),
 )
 GAP_LRS = (3e-5, 1e-4)  # CD-Adam's and AdamW's picks in the study
 GAP_SEEDS = (1, 2)  # for the exact rule at its better lr: is the rule alone inside AdamW's seed range?
@@ -582,7 +586,7 @@ def main() -> None:
     parser.add_argument("--diagnose", action="store_true", help="also run issue 16's divergence diagnosis (~25 min)")
     parser.add_argument("--no-study", action="store_true", help="skip the sweep and the seeds (with --diagnose)")
     parser.add_argument("--gap", action="store_true",
-                        help="also run where CD-Adam's gap comes from (GAP_VARIANTS, long runs; ~70 min)")
+                        help="also run where CD-Adam's gap comes from (GAP_VARIANTS, long runs; ~80 min)")
     parser.add_argument("--report", action="store_true", help="run nothing: tables and plots from the runs on disk")
     args = parser.parse_args()
     results = Path(args.results)
