@@ -547,7 +547,8 @@ def speedup_bound(baseline: dict) -> float | None:
     """The most any method can gain per step over AdamW by cutting communication: AdamW's profiled step
     time over that time less its exposed communication (every other cost unchanged)."""
     step, exposed = baseline.get("prof_step_s"), baseline.get("exposed_comm_s")
-    if not isinstance(step, float) or not isinstance(exposed, float) or step <= exposed:
+    measured = all(isinstance(v, float) and math.isfinite(v) for v in (step, exposed))  # NaN: not profiled
+    if not measured or step <= exposed:
         return None
     return step / (step - exposed)
 
@@ -627,7 +628,7 @@ def report(table: list[dict], machine: str, args: argparse.Namespace) -> list[st
             )
         base = next((r for r in rows if r["method"] == BASELINE), None)
         bound = speedup_bound(base) if base else None
-        if bound:
+        if bound is not None:
             lines += ["", f"AdamW's profiled step: {base['prof_step_s']:.3f} s, of which {base['exposed_comm_s']:.3f} s "
                       f"exposed communication: removing all of it would make a step at most {bound:.2f}x faster."]  # fmt: skip
         for r in rows:

@@ -286,6 +286,27 @@ def gap_in_standard_errors(a: list[float], b: list[float]) -> float:
     return (ma - mb) / se if se > 0 else (0.0 if ma == mb else math.copysign(math.inf, ma - mb))
 
 
+#: two-sided 95% critical values of Student's t by degrees of freedom (then 1.96, the normal's)
+T_CRITICAL_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+                 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}  # fmt: skip
+
+
+def welch_degrees_of_freedom(a: list[float], b: list[float]) -> float:
+    """Welch-Satterthwaite: (va/na + vb/nb)^2 / ((va/na)^2/(na-1) + (vb/nb)^2/(nb-1)), sample variances
+    (inf when both spreads are 0)."""
+    qa, qb = mean_spread(a)[1] ** 2 / len(a), mean_spread(b)[1] ** 2 / len(b)
+    denominator = qa**2 / (len(a) - 1) + qb**2 / (len(b) - 1)
+    return (qa + qb) ** 2 / denominator if denominator > 0 else math.inf
+
+
+def t_critical_95(df: float) -> float:
+    """The two-sided 95% critical value for ``df`` degrees of freedom, from ``T_CRITICAL_95`` at the largest
+    tabled df <= ``df`` (conservative between rows; 1.96 beyond 30)."""
+    if df > 30:
+        return 1.96
+    return T_CRITICAL_95[max(k for k in T_CRITICAL_95 if k <= max(df, 1))]
+
+
 def seed_results(study: Study, results: Path, fresh: bool) -> dict[str, list[SeedResult]]:
     out: dict[str, list[SeedResult]] = {}
     for opt in study.seed_optimizers:
@@ -329,10 +350,12 @@ def seeds_section(study: Study, by_opt: dict[str, list[SeedResult]]) -> list[str
     verdicts = []
     for field, name in (("test_acc", "test accuracy"), ("test_loss", "test loss")):
         a, b = [getattr(r, field) for r in cd], [getattr(r, field) for r in adam]
-        t = gap_in_standard_errors(a, b)
+        t, df = gap_in_standard_errors(a, b), welch_degrees_of_freedom(a, b)
+        critical = t_critical_95(df)
         verdicts.append(
-            f"{name} {statistics.fmean(a) - statistics.fmean(b):+.4f} ({t:+.1f} standard errors of the difference: "
-            f"{'within' if abs(t) < 2 else 'beyond'} the seed noise)"
+            f"{name} {statistics.fmean(a) - statistics.fmean(b):+.4f} ({t:+.1f} standard errors of the difference, "
+            f"Welch df {df:.1f}: {'within' if abs(t) < critical else 'beyond'} the seed noise at 95%, |t| "
+            f"{'<' if abs(t) < critical else '>='} {critical:.2f})"
         )
     return lines + ["", f"{LABELS[cd_name]} minus Adam: " + "; ".join(verdicts) + ".", ""]
 

@@ -333,12 +333,14 @@ def gap_report(chosen: dict[str, list[Run]], variants: dict[str, list[Run]], see
                budget: Budget) -> list[str]:
     """The study's two rows, then each variant at each lr (seed 0; seeds for the exact rule), then the long runs."""
     adamw = [r.eval_loss for r in chosen["adamw"] if r.summary]
-    base = statistics.mean(adamw)
+    base = statistics.mean(adamw) if adamw else math.nan
+    reference = (f"{base:.4f}, seed range {min(adamw):.4f}–{max(adamw):.4f}" if adamw
+                 else "no AdamW run finished: no gap is stated")  # fmt: skip
     lines = [
         f"### Where CD-Adam's gap comes from ({budget.steps} steps, the study's budget)",
         "",
         "Final eval loss; gap: minus AdamW's mean over its seeds at its chosen lr "
-        f"({chosen['adamw'][0].lr:g}: {base:.4f}, seed range {min(adamw):.4f}–{max(adamw):.4f}). All CD-Adam rows "
+        f"({chosen['adamw'][0].lr:g}: {reference}). All CD-Adam rows "
         "use `configs/llm_cdadam.json` (betas (0.9, 0.999), bias correction, blocks of 256) with one change.",
         "",
         "| run | lr | seeds | eval loss | gap to AdamW | MB sent |",
@@ -347,13 +349,17 @@ def gap_report(chosen: dict[str, list[Run]], variants: dict[str, list[Run]], see
 
     def row(label: str, runs: list[Run]) -> str:
         done = [r for r in runs if r.summary]
+        stopped = [r for r in runs if r.failed]
         if not done:
-            why = next((r.failed for r in runs if r.failed), "not run")
+            why = stopped[0].failed if stopped else "not run"
             return f"| {label} | {runs[0].lr:g} | {len(runs)} | {why} | — | — |"
         ev = [r.eval_loss for r in done]
         mb = statistics.mean(r.summary["bytes_total"] for r in done) / 1e6
-        return (f"| {label} | {done[0].lr:g} | {len(done)} | {mean_spread(ev)} | "
-                f"{statistics.mean(ev) - base:+.4f} | {mb:,.0f} |")  # fmt: skip
+        missing = len(runs) - len(done) - len(stopped)
+        note = f" ({len(stopped)} more stopped: {stopped[0].failed})" if stopped else ""
+        note += f" ({missing} more not run)" if missing else ""
+        gap = f"{statistics.mean(ev) - base:+.4f}" if adamw else "—"
+        return f"| {label} | {done[0].lr:g} | {len(done)} | {mean_spread(ev)}{note} | {gap} | {mb:,.0f} |"
 
     for opt in ("adamw", "cdadam"):
         lines.append(row(f"{LABELS[opt]} (the study)", chosen[opt]))
@@ -374,9 +380,10 @@ def gap_report(chosen: dict[str, list[Run]], variants: dict[str, list[Run]], see
         ]
         for r in longs:
             evals = {int(x["step"]): x["test_loss"] for x in r.rows if x["test_loss"] is not None}
-            cells = [f"{evals[s]:.4f}" if s in evals else "—"
+            cells = [f"{evals[s]:.4f}" if s in evals else ("stopped" if r.failed else "—")
                      for s in range(r.budget.eval_every, steps + 1, r.budget.eval_every)]  # fmt: skip
-            lines.append(f"| {r.label} | {r.lr:g} | " + " | ".join(cells) + " |")
+            why = f" (stopped: {r.failed})" if r.failed else ("" if r.summary else " (not run)")
+            lines.append(f"| {r.label}{why} | {r.lr:g} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -589,6 +596,8 @@ def main() -> None:
                         help="also run where CD-Adam's gap comes from (GAP_VARIANTS, long runs; ~80 min)")
     parser.add_argument("--report", action="store_true", help="run nothing: tables and plots from the runs on disk")
     args = parser.parse_args()
+    if args.gap and args.no_study:
+        parser.error("--gap compares with the study's runs at their chosen lrs: drop --no-study")
     results = Path(args.results)
     if args.quick and args.results == parser.get_default("results"):
         results = ROOT / "results" / "tmp" / "llm_quick"  # never mixed with the real results
@@ -647,13 +656,15 @@ def main() -> None:
                         for name, label, params in GAP_VARIANTS}  # fmt: skip
             long_budget = LONG_QUICK if args.quick else LONG
             long_plan = [long_run(opt, chosen[opt][0].lr, long_budget) for opt in ("adamw", "cdadam")]
-            if args.gap or all(on_disk(r, results) for r in [*sum(gap_plan.values(), []), *long_plan]):
-                gap_execute = execute if args.gap else load
+            if args.gap or any(on_disk(r, results) for r in [*sum(gap_plan.values(), []), *long_plan]):
+                # without --gap: what is on disk with the planned settings; the rest shows as not run
+                kept = lambda r: load(r) if on_disk(r, results) else r  # noqa: E731
+                gap_execute = execute if args.gap and not args.report else kept
                 variants = {name: [gap_execute(r) for r in runs] for name, runs in gap_plan.items()}
                 exact = variants["cdadam_exact"]
                 lr = best_lr(exact)
                 label, params = exact[0].label, next(v[2] for v in GAP_VARIANTS if v[0] == "cdadam_exact")
-                gap_seeds = [gap_execute(gap_run("cdadam_exact", label, params, lr, budget, seed)) for seed in GAP_SEEDS]
+                gap_seeds = [gap_execute(gap_run("cdadam_exact", label, params, lr, budget, s)) for s in GAP_SEEDS]
                 longs = [gap_execute(r) for r in long_plan]
                 section = gap_report(chosen, variants, gap_seeds, longs, budget)
                 (results / "gap.md").write_text("\n".join(section))

@@ -129,4 +129,6 @@ def test_speedup_bound_is_adamws_step_over_its_step_without_exposed_communicatio
     assert tta.speedup_bound({"prof_step_s": 0.312, "exposed_comm_s": 0.202}) == pytest.approx(0.312 / 0.110)
     assert tta.speedup_bound({"prof_step_s": 0.1, "exposed_comm_s": 0.0}) == pytest.approx(1.0)
     assert tta.speedup_bound({"prof_step_s": "", "exposed_comm_s": 0.1}) is None  # not profiled
+    assert tta.speedup_bound({"prof_step_s": float("nan"), "exposed_comm_s": float("nan")}) is None  # no profiles
+    assert tta.speedup_bound({"prof_step_s": 0.1, "exposed_comm_s": float("nan")}) is None
     assert tta.speedup_bound({"prof_step_s": 0.1, "exposed_comm_s": 0.1}) is None  # no compute: no bound

@@ -43,8 +43,10 @@ def test_seeds_section_states_the_gap_and_counts_divergence():
     # the diverged seed is left out of the spread (its loss of 9 would dominate it)
     assert "| 1-bit Adam | 3 (1) | 0.4000 ± 0.0000 | 0.5000 ± 0.0000 | 0.8000 ± 0.0000 | 5.0 ± 0.0 |" in text
     assert "| CD-Adam | 3 (0) | 0.4500 ± 0.0500 | 0.5500 ± 0.0500 | 0.8300 ± 0.0361 | 1.0 ± 0.0 |" in text
-    assert "test accuracy -0.0100 (-0.5 standard errors of the difference: within the seed noise)" in text
-    assert "test loss +0.0500 (+1.7 standard errors of the difference: within the seed noise)" in text
+    assert ("test accuracy -0.0100 (-0.5 standard errors of the difference, Welch df 2.3: within the seed noise "
+            "at 95%, |t| < 4.30)") in text
+    assert ("test loss +0.0500 (+1.7 standard errors of the difference, Welch df 2.0: within the seed noise at 95%, "
+            "|t| < 4.30)") in text
 
 
 def test_seeds_section_says_diverged_and_beyond_the_noise():
@@ -57,4 +59,17 @@ def test_seeds_section_says_diverged_and_beyond_the_noise():
     }
     text = "\n".join(compare.seeds_section(study, by_opt))
     assert "| 1-bit Adam | 3 (3) | diverged | diverged | diverged | 5.0 ± 0.0 |" in text
-    assert "test loss +0.1000 (+12.2 standard errors of the difference: beyond the seed noise)" in text
+    assert ("test loss +0.1000 (+12.2 standard errors of the difference, Welch df 4.0: beyond the seed noise at 95%, "
+            "|t| >= 2.78)") in text
+
+
+def test_welch_degrees_of_freedom_and_the_t_cutoff():
+    # equal spreads and sizes: df = 2 (n - 1); one spread 0: df = n - 1 of the other
+    assert compare.welch_degrees_of_freedom([1.0, 1.1, 1.2], [0.8, 0.9, 1.0]) == pytest.approx(4.0)
+    assert compare.welch_degrees_of_freedom([0.5, 0.6, 0.55], [0.5, 0.5, 0.5]) == pytest.approx(2.0)
+    assert compare.welch_degrees_of_freedom([1.0, 1.0], [2.0, 2.0]) == math.inf
+    # 2.45 standard errors with 3 seeds each is not beyond the noise at 95% (the normal's 1.96 would say it is)
+    t = compare.gap_in_standard_errors([1.0, 1.1, 1.2], [0.8, 0.9, 1.0])
+    assert t == pytest.approx(2.449, abs=1e-3) and compare.t_critical_95(4.0) == pytest.approx(2.776)
+    assert compare.t_critical_95(2.3) == pytest.approx(4.303)  # the tabled df below: conservative
+    assert compare.t_critical_95(0.5) == pytest.approx(12.706) and compare.t_critical_95(math.inf) == 1.96
