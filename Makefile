@@ -9,7 +9,7 @@ DS_LATEST ?= 0.19.8
 LATEST_VENV ?= .venv-ds-latest
 LATEST_STAMP := $(LATEST_VENV)/.installed
 
-.PHONY: install data demo test test-slow test-deepspeed-latest soak compare clean
+.PHONY: install data demo test test-slow test-deepspeed-latest soak compare gpu-wheels clean
 
 $(STAMP): requirements.txt requirements-data.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,15 @@ compare: $(STAMP) data
 # The tests beyond the default budget (~15 min on 2 cores; CI runs them after `make test`).
 test-slow: $(STAMP) data
 	TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(BIN)/python -m pytest -q -m "slow and not gpu"
+
+# For a GPU machine without network (benchmarks/gpu_checks.sh installs .whl/ when it is carried there):
+# DeepSpeed 0.19.6 (pure Python) and the dependencies its CUDA image lacks, as Python 3.12 x86-64 wheels.
+GPU_WHEELS := hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/python -m pip wheel -q --no-deps -w .whl deepspeed==0.19.6
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 # Long robustness runs (minutes to an hour), not part of `make test`.
 soak: $(STAMP)

@@ -14,8 +14,11 @@ scheme the worker's encode alone and the whole exchange step, as multiples of th
 Part 2: GPT-2 small (124M, random init, ``--gpt2-batch`` x ``--gpt2-seq`` tokens, bf16 autocast on
 CUDA) with ``torch.optim.AdamW(fused=True)``, ``CDAdam`` (block 2048) and ``OneBitAdam`` in its
 compressed phase: median whole-step and optimizer-step time, and peak device memory. Target:
-CDAdam's optimizer time <= 5x fused AdamW's. DeepSpeed 0.19.6's own OnebitAdam needs cupy and
-deepspeed's NCCL backend; it is reported as not measured where those are absent.
+CDAdam's optimizer time <= 5x fused AdamW's. On CUDA, where deepspeed and cupy import, also
+DeepSpeed's own ``OnebitAdam`` (its NCCL backend, cupy bit packing) in the same loop, so that ours is
+timed against it side by side (target: no slower); elsewhere it is reported as not measured, with why.
+The GPU image lacks deepspeed: ``make gpu-wheels`` puts it and its missing dependencies in ``.whl/``,
+which ``benchmarks/gpu_checks.sh`` installs when the folder travels (``carry: [".whl"]``).
 
 Writes ``<results>/gpu.csv``, ``gpu.txt`` and ``gpu.png`` with the device's name.
 """
@@ -29,6 +32,7 @@ import os
 import platform
 import statistics
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -159,7 +163,14 @@ def gpt2_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
         # exp_avg_mask case); the lr does not change the work timed.
         "OneBitAdam (compressed phase, lr 0)": lambda ps: OneBitAdam(ps, lr=0.0, freeze_step=1),
     }
+    upstream, upstream_name = upstream_onebit_builder(device)
     rows = []
+    if upstream is not None:
+        try:
+            rows += gpt2_method_rows(args, device, config, ids, upstream_name, upstream)
+        except Exception as err:  # noqa: BLE001 - upstream's failure is a result to report, not ours to fix
+            rows.append({"part": "gpt2", "numel": 0, "method": upstream_name, "piece": "error", "seconds": float("nan"),
+                         "check": f"{type(err).__name__}: {str(err)[:300]}"})  # fmt: skip
     for name, build in builders.items():
         try:
             rows += gpt2_method_rows(args, device, config, ids, name, build)
@@ -224,13 +235,37 @@ def gpt2_method_rows(args, device, config, ids, name, build) -> list[dict]:
     return rows
 
 
-def upstream_onebit_note() -> str:
+def upstream_onebit_builder(device: torch.device, backend: str | None = None) -> tuple[Callable | None, str]:
+    """DeepSpeed's own ``OnebitAdam`` as ``gpt2_method_rows`` builds optimizers (lr 0 and ``freeze_step`` 1,
+    as ours: past the warm-up every step is compressed), and its row's name; or None and why not.
+
+    ``backend``: upstream's ``comm_backend_name``, by default ``"nccl"`` on CUDA (cupy packs the bits; its only
+    GPU backend) and none elsewhere. The process group gpu.py made is adopted by ``deepspeed.init_distributed``;
+    the engine upstream reads (``mpu``, ``local_rank``, the all-reduce switch it flips at the freeze) is a
+    namespace, since the loop averages nothing (a world of one rank)."""
+    backend = backend or ("nccl" if device.type == "cuda" else None)
+    if backend is None:
+        return None, "DeepSpeed's own OnebitAdam: not measured (its NCCL backend needs CUDA and cupy)."
     try:
-        import cupy  # noqa: F401
-        from deepspeed.runtime.fp16.onebit.adam import OnebitAdam  # noqa: F401
+        import deepspeed
+        from deepspeed.runtime.fp16.onebit.adam import OnebitAdam
+
+        if backend == "nccl":
+            import cupy  # noqa: F401
     except ImportError as err:
-        return f"DeepSpeed 0.19.6's own OnebitAdam: not measured ({err}; it needs deepspeed 0.19.6 and cupy)."
-    return "DeepSpeed 0.19.6's own OnebitAdam: installed; run it through deepspeed.initialize to compare (not automated)."
+        return None, f"DeepSpeed's own OnebitAdam: not measured ({err}; `make gpu-wheels` and carry .whl)."
+
+    def build(params):
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        engine = types.SimpleNamespace(mpu=None, local_rank=0, enable_backward_allreduce=True)
+        return OnebitAdam(list(params), deepspeed=engine, lr=0.0, freeze_step=1, comm_backend_name=backend)
+
+    return build, f"DeepSpeed {deepspeed.__version__} OnebitAdam ({backend}, lr 0)"
+
+
+def upstream_onebit_note(device: torch.device) -> str:
+    build, name = upstream_onebit_builder(device)
+    return f"{name}: timed below, side by side with ours." if build is not None else name
 
 
 def plot(rows: list[dict], title: str, path: Path) -> None:
@@ -284,15 +319,15 @@ def main() -> None:
     rows: list[dict] = []
     for numel in (int(s) for s in args.sizes):
         rows += exchange_rows(numel, device, args.repeats)
-        write_results(rows, title, card, args.results)  # what is measured survives a later failure
+        write_results(rows, title, card, args.results, device)  # what is measured survives a later failure
     if not args.skip_gpt2:
         rows += gpt2_rows(args, device)
-    write_results(rows, title, card, args.results)
+    write_results(rows, title, card, args.results, device)
     dist.destroy_process_group()
 
 
-def write_results(rows: list[dict], title: str, card: str, results: Path) -> None:
-    lines = [title, upstream_onebit_note(), ""]
+def write_results(rows: list[dict], title: str, card: str, results: Path, device: torch.device) -> None:
+    lines = [title, upstream_onebit_note(device), ""]
     for r in rows:
         if r["piece"] == "error":
             lines.append(f"{r['part']:8} {r['method']:38} failed: {r['check']}")

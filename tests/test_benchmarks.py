@@ -71,6 +71,43 @@ def test_gpu_benchmark_runs_on_cpu(tmp_path):
     assert (tmp_path / "gpu.png").stat().st_size > 0
 
 
+UPSTREAM_ONEBIT_ON_CPU = """
+import datetime, os, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, "benchmarks")
+import gpu
+from tests.integration import upstream_cpu_backend
+
+upstream_cpu_backend.install()  # upstream's compressed backend with torch bit packing (its own needs an XPU op)
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+dist.init_process_group("gloo", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
+cpu = torch.device("cpu")
+assert gpu.upstream_onebit_builder(cpu)[0] is None  # no default backend off CUDA
+build, name = gpu.upstream_onebit_builder(cpu, backend="compressed")
+model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))
+before = [p.detach().clone() for p in model.parameters()]
+opt = build(model.parameters())
+for _ in range(3):  # as gpt2_method_rows: warm-up steps take it past freeze_step 1
+    model(torch.randn(4, 16)).square().mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+assert opt.adam_freeze_key, "still in the warm-up"
+assert all("worker_error" in opt.state[p] for p in model.parameters()), "no compressed step ran"
+assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())), "lr 0 moved a parameter"
+print(name)
+dist.destroy_process_group()
+"""
+
+
+def test_gpu_benchmark_builds_upstream_onebit_adam_as_its_loop_needs():
+    """The side-by-side row's optimizer: DeepSpeed's own OnebitAdam made by gpu.py's builder, on gloo with
+    upstream's compressed backend (on CUDA it takes the NCCL one): past the freeze, compressed, lr 0."""
+    from tests.launch import free_port
+
+    out = run_checked([sys.executable, "-c", UPSTREAM_ONEBIT_ON_CPU, str(free_port())], timeout=120)
+    assert "OnebitAdam (compressed, lr 0)" in out
+
+
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="network namespaces need root")
 def test_emulated_cluster_runs_and_cleans_up(tmp_path):
     before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
