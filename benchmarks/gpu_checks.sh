@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_checks.sh OUT_DIR
 # 1. `pytest -m gpu`: real NCCL (a world of one rank), the Triton kernels on CUDA equal to the eager
 #    path, the optimizers on CUDA equal to the CPU simulator. 2. benchmarks/gpu.py (exchange compute
-#    vs a device copy at 110M and 1B params; a GPT-2-small step per optimizer). Logs and results in OUT_DIR.
+#    vs a device copy at 110M and 1B params; a GPT-2-small step per optimizer). 3. benchmarks/gpu_tune.py
+#    (the Triton kernels' tile and warps). Logs and results in OUT_DIR.
 # With a .whl/ folder (`make gpu-wheels`, carried to the machine), its wheels (DeepSpeed 0.19.6 and what the
 # GPU image lacks) are installed first, so that benchmarks/gpu.py also times DeepSpeed's own OnebitAdam.
 set -o pipefail
@@ -22,5 +23,8 @@ timeout "${GPU_TESTS_TIMEOUT:-240}" python3 -m pytest -q -m gpu -p no:cacheprovi
 tests_rc=$?
 timeout "${GPU_BENCH_TIMEOUT:-300}" python3 benchmarks/gpu.py --results "$out" "${@:2}" 2>&1 | tee "$out/gpu_bench.log"
 bench_rc=$?
-echo "tests rc=$tests_rc bench rc=$bench_rc" | tee -a "$out/card.txt"
-exit $((tests_rc || bench_rc))
+# 3. the kernels' tile x warps sweep (gpu_tune.py: default vs best setting per scheme, against the targets)
+timeout "${GPU_TUNE_TIMEOUT:-240}" python3 benchmarks/gpu_tune.py --results "$out" 2>&1 | tee "$out/gpu_tune.log"
+tune_rc=$?
+echo "tests rc=$tests_rc bench rc=$bench_rc tune rc=$tune_rc" | tee -a "$out/card.txt"
+exit $((tests_rc || bench_rc || tune_rc))

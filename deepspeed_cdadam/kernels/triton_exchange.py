@@ -63,6 +63,10 @@ logger = logging.getLogger(__name__)
 
 #: Coordinates per program (a power of two >= 8); blocks up to this long are done in one pass.
 TILE = 4096
+#: Warps per program; None: 8 for programs of >= 4096 coordinates, else 4. ``tuned`` sets both knobs
+#: (``benchmarks/gpu_tune.py`` sweeps them on a GPU).
+NUM_WARPS: int | None = None
+WARP_CHOICES = (1, 2, 4, 8, 16, 32)
 #: Partial sums a block's (or the tensor's) scale program adds per step.
 REDUCE_CHUNK = 1024
 NORMS = ("l1", "l2")
@@ -326,7 +330,27 @@ def _dtype_args(dtype: torch.dtype) -> dict[str, object]:
 
 
 def _num_warps(p: Plan) -> int:
+    if NUM_WARPS is not None:
+        return NUM_WARPS
     return 8 if p.rows * p.row_width >= 4096 else 4
+
+
+@contextlib.contextmanager
+def tuned(tile: int | None = None, num_warps: int | None = None):
+    """Run the kernels with another ``TILE`` and warps per program inside the block (None: the default),
+    restoring both after. Results do not depend on either beyond the scales' summation order (tests)."""
+    global TILE, NUM_WARPS
+    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 8 or tile & (tile - 1)):
+        raise ValueError(f"Invalid tile={tile!r}. Must be a power of two >= 8.")
+    if num_warps is not None and num_warps not in WARP_CHOICES:
+        raise ValueError(f"Invalid num_warps={num_warps!r}. Must be one of {WARP_CHOICES} or None.")
+    before = TILE, NUM_WARPS
+    TILE = before[0] if tile is None else tile
+    NUM_WARPS = num_warps
+    try:
+        yield
+    finally:
+        TILE, NUM_WARPS = before
 
 
 def _tables(p: Plan) -> tuple[torch.Tensor, ...]:

@@ -342,6 +342,29 @@ def test_plan_tables_cover_every_coordinate_once(numel, world, block, tile):
     assert p.shard_units[-1] == len(starts) and p.shard_groups[-1] == len(layout.block_sizes())
 
 
+def test_tuned_tile_and_warps_change_no_bit_and_are_restored():
+    """``tuned`` (what benchmarks/gpu_tune.py sweeps): the same wire bytes and state as the tile passed
+    explicitly (the chunked path at tile 64), whatever the warps; both knobs restored, also after an error."""
+    layout, dtype = ShardLayout(4099, 2, 1024), torch.float32
+    g, h = data(4099, dtype, 7)
+    g_d, h_ref = dev(g, h)
+    want = tx.markov_worker_step(g_d, h_ref, layout, width_of(layout, dtype), tile=64)
+    for warps in (2, None):
+        h_d = dev(h)[0]
+        with tx.tuned(tile=64, num_warps=warps):
+            assert tx.plan(layout, DEVICE).tile == 64 and tx._num_warps(tx.plan(layout, DEVICE)) == (warps or 4)
+            wire = tx.markov_worker_step(g_d, h_d, layout, width_of(layout, dtype))
+        assert torch.equal(wire.cpu(), want.cpu()) and torch.equal(h_d.cpu(), h_ref.cpu())
+    assert (tx.TILE, tx.NUM_WARPS) == (4096, None)
+    with pytest.raises(RuntimeError, match="inside"), tx.tuned(tile=128, num_warps=16):
+        raise RuntimeError("inside")
+    assert (tx.TILE, tx.NUM_WARPS) == (4096, None)
+    with pytest.raises(ValueError, match="Invalid tile=100"), tx.tuned(tile=100):
+        pass
+    with pytest.raises(ValueError, match="Invalid num_warps=3"), tx.tuned(num_warps=3):
+        pass
+
+
 def test_bad_arguments_are_named():
     layout = ShardLayout(64, 2, 8)
     g = torch.zeros(64, device=DEVICE)
