@@ -304,16 +304,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     args = parser.parse_args()
 
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    dist.init_process_group(
-        "nccl" if use_cuda else "gloo", rank=0, world_size=1, timeout=datetime.timedelta(seconds=600)
-    )
-    card = torch.cuda.get_device_name(device) if use_cuda else f"CPU {platform.processor() or platform.machine()}"
+    device, card = start_world_of_one(args.device)
     title = f"{card}, torch {torch.__version__}, world of 1 rank ({dist.get_backend()})"
 
     rows: list[dict] = []
@@ -324,6 +315,22 @@ def main() -> None:
         rows += gpt2_rows(args, device)
     write_results(rows, title, card, args.results, device)
     dist.destroy_process_group()
+
+
+def start_world_of_one(choice: str) -> tuple[torch.device, str]:
+    """The device (``choice``: auto, cuda or cpu) and its name, after a process group of one rank on it
+    (NCCL on CUDA, gloo on CPU)."""
+    use_cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    dist.init_process_group(
+        "nccl" if use_cuda else "gloo", rank=0, world_size=1, timeout=datetime.timedelta(seconds=600)
+    )
+    card = torch.cuda.get_device_name(device) if use_cuda else f"CPU {platform.processor() or platform.machine()}"
+    return device, card
 
 
 def write_results(rows: list[dict], title: str, card: str, results: Path, device: torch.device) -> None:

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -78,21 +75,13 @@ def main() -> None:
     args = parser.parse_args()
     warps = [None if w == "auto" else int(w) for w in args.warps]
 
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    dist.init_process_group("nccl" if use_cuda else "gloo", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=600))  # fmt: skip
-    card = torch.cuda.get_device_name(device) if use_cuda else f"CPU {platform.processor() or platform.machine()}"
+    device, card = gpu.start_world_of_one(args.device)
     try:
         rows = sweep([int(s) for s in args.sizes], args.tiles, warps, device, args.repeats)
     finally:
         dist.destroy_process_group()
     title = f"{card}, torch {torch.__version__}: Triton exchange kernels, tile x warps (ratios to one device copy)"
-    if not use_cuda:
+    if device.type != "cuda":
         title += " [CPU: the eager path; the knobs do not apply]"
     text = "\n".join([title, "", *summary(rows)])
     print(text)
