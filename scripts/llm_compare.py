@@ -329,6 +329,35 @@ def long_run(opt: str, lr: float, budget: Budget) -> Run:
                lr=lr, label=LABELS[opt])  # fmt: skip
 
 
+def plot_gap(chosen: dict[str, list[Run]], variants: dict[str, list[Run]], seeds: list[Run], longs: list[Run],
+             results: Path) -> None:
+    """Left: each variant's final eval loss at each lr (seed 0 dots; the exact rule's seeds too), beside the
+    study's AdamW and CD-Adam; right: the long runs' eval loss against steps."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    rows = [(f"{LABELS[opt]} (study)", chosen[opt]) for opt in ("adamw", "cdadam")]
+    rows += [(runs[0].label, runs + [s for s in seeds if s.optimizer == name]) for name, runs in variants.items()]
+    for i, (label, runs) in enumerate(rows):
+        pts = [(r.lr, r.eval_loss) for r in runs if r.summary]
+        if pts:
+            axes[0].scatter(*zip(*pts), color=f"C{i}", label=label, alpha=0.8)
+    adamw = [r.eval_loss for r in chosen["adamw"] if r.summary]
+    if adamw:
+        axes[0].axhspan(min(adamw), max(adamw), color="C0", alpha=0.12, label="AdamW's seed range")
+    axes[0].set(xscale="log", xlabel="lr", ylabel="final eval loss (80 steps)",
+                title="CD-Adam with one thing changed (seed 0; exact rule at 1e-4: 3 seeds)")  # fmt: skip
+    for i, r in enumerate(longs):
+        ev = [(x["step"], x["test_loss"]) for x in r.rows if x["test_loss"] is not None]
+        if ev:
+            axes[1].plot(*zip(*ev), marker="o", color=f"C{i}", label=f"{r.label}, lr {r.lr:g}")
+    axes[1].set(xlabel="step", ylabel="eval loss", title="longer runs (seed 0)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(results / "llm_gap.png", dpi=110)
+    plt.close(fig)
+
+
 def gap_report(chosen: dict[str, list[Run]], variants: dict[str, list[Run]], seeds: list[Run], longs: list[Run],
                budget: Budget) -> list[str]:
     """The study's two rows, then each variant at each lr (seed 0; seeds for the exact rule), then the long runs."""
@@ -384,7 +413,7 @@ def gap_report(chosen: dict[str, list[Run]], variants: dict[str, list[Run]], see
                      for s in range(r.budget.eval_every, steps + 1, r.budget.eval_every)]  # fmt: skip
             why = f" (stopped: {r.failed})" if r.failed else ("" if r.summary else " (not run)")
             lines.append(f"| {r.label}{why} | {r.lr:g} | " + " | ".join(cells) + " |")
-    return lines + [""]
+    return lines + ["", "![gap](llm_gap.png)", ""]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -667,6 +696,7 @@ def main() -> None:
                 gap_seeds = [gap_execute(gap_run("cdadam_exact", label, params, lr, budget, s)) for s in GAP_SEEDS]
                 longs = [gap_execute(r) for r in long_plan]
                 section = gap_report(chosen, variants, gap_seeds, longs, budget)
+                plot_gap(chosen, variants, gap_seeds, longs, results)
                 (results / "gap.md").write_text("\n".join(section))
                 report += section
                 write_summary_csv(diag + [r for runs in sweep.values() for r in runs] + extra
