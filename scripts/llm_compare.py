@@ -352,7 +352,8 @@ def plot_gap(chosen: dict[str, list[Run]], variants: dict[str, list[Run]], seeds
     axes[1].set(xlabel="step", ylabel="eval loss", title="longer runs (seed 0)")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a panel with nothing run yet has no legend
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(results / "llm_gap.png", dpi=110)
     plt.close(fig)
