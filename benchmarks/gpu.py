@@ -168,28 +168,31 @@ def gpt2_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
         try:
             rows += gpt2_method_rows(args, device, config, ids, name, build)
         except (FloatingPointError, RuntimeError) as err:  # reported, and the eager path tried instead
-            rows.append({"part": "gpt2", "numel": 0, "method": name, "piece": "error", "seconds": float("nan"),
-                         "check": f"{type(err).__name__}: {str(err)[:200]}"})  # fmt: skip
+            rows.append(gpt2_error_row(name, err))
             if name.startswith("AdamW"):
                 raise
             os.environ["DEEPSPEED_CDADAM_KERNELS"] = "eager"
             try:
                 rows += gpt2_method_rows(args, device, config, ids, f"{name} [eager]", build)
             except (FloatingPointError, RuntimeError) as err2:
-                rows.append({"part": "gpt2", "numel": 0, "method": f"{name} [eager]", "piece": "error",
-                             "seconds": float("nan"), "check": f"{type(err2).__name__}: {str(err2)[:200]}"})  # fmt: skip
+                rows.append(gpt2_error_row(f"{name} [eager]", err2))
             os.environ["DEEPSPEED_CDADAM_KERNELS"] = "auto"
     upstream, upstream_name = upstream_onebit_builder(device)
     if upstream is not None:  # last: a failure inside cupy or upstream cannot cost our rows
         try:
             rows += gpt2_method_rows(args, device, config, ids, upstream_name, upstream)
         except Exception as err:  # noqa: BLE001 - upstream's failure is a result to report, not ours to fix
-            rows.append({"part": "gpt2", "numel": 0, "method": upstream_name, "piece": "error", "seconds": float("nan"),
-                         "check": f"{type(err).__name__}: {str(err)[:300]}"})  # fmt: skip
+            rows.append(gpt2_error_row(upstream_name, err, limit=300))
     adamw_opt = next(r["seconds"] for r in rows if r["piece"] == "optimizer step" and r["method"].startswith("AdamW"))
     for r in rows:
         r["times_adamw_optimizer"] = r["seconds"] / adamw_opt if r["piece"] == "optimizer step" else ""
     return rows
+
+
+def gpt2_error_row(method: str, err: BaseException, limit: int = 200) -> dict:
+    """The row of a GPT-2 method that failed: its error, cut to ``limit`` characters."""
+    return {"part": "gpt2", "numel": 0, "method": method, "piece": "error", "seconds": float("nan"),
+            "check": f"{type(err).__name__}: {str(err)[:limit]}"}  # fmt: skip
 
 
 def gpt2_method_rows(args, device, config, ids, name, build) -> list[dict]:

@@ -13,8 +13,10 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    > "$out/wheels.log" 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-  echo "wheels: $(ls .whl | tr '\n' ' ')(rc $?)" >> "$out/wheels.log"
+    > "$out/wheels.log" 2>&1
+  pip_rc=$?
+  [ "$pip_rc" = 0 ] && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  echo "wheels: $(ls .whl | tr '\n' ' ')(pip rc $pip_rc)" >> "$out/wheels.log"
 fi
 nvidia-smi -L > "$out/card.txt" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" >> "$out/card.txt" 2>&1

@@ -633,6 +633,7 @@ def main() -> None:
         results = ROOT / "results" / "tmp" / "llm_quick"  # never mixed with the real results
     results.mkdir(parents=True, exist_ok=True)
     budget = QUICK if args.quick else FULL
+    long_budget = LONG_QUICK if args.quick else LONG  # the gap study's longer runs
     seeds = QUICK_SEEDS if args.quick else SEEDS
 
     # the diagnosis: run with --diagnose; otherwise reported if it is on disk already
@@ -650,7 +651,6 @@ def main() -> None:
             n_runs = sum(map(len, sweep_plan.values())) + sum(len([s for s in v if s]) for v in seeds.values())
             total += budget.steps * n_runs
         if args.gap:
-            long_budget = LONG_QUICK if args.quick else LONG
             total += budget.steps * (len(GAP_VARIANTS) * len(GAP_LRS) + len(GAP_SEEDS)) + 2 * long_budget.steps
     runner = Runner(results, args.fresh, total, ROOT / "results" / "tmp" / "llm_logs")
     load = lambda run: Runner._load(run, results / "runs" / run.tag)  # noqa: E731
@@ -684,7 +684,6 @@ def main() -> None:
                 report += ["(The head-to-head has not been run yet: `python scripts/llm_compare.py`.)", ""]
             gap_plan = {name: [gap_run(name, label, params, lr, budget) for lr in GAP_LRS]
                         for name, label, params in GAP_VARIANTS}  # fmt: skip
-            long_budget = LONG_QUICK if args.quick else LONG
             long_plan = [long_run(opt, chosen[opt][0].lr, long_budget) for opt in ("adamw", "cdadam")]
             if args.gap or any(on_disk(r, results) for r in [*sum(gap_plan.values(), []), *long_plan]):
                 # without --gap: what is on disk with the planned settings; the rest shows as not run

@@ -217,9 +217,13 @@ def _pow2_at_least(v: int) -> int:
     return 1 << max(3, (max(v, 1) - 1).bit_length())
 
 
-def _build_plan(layout: ShardLayout, device: torch.device, tile: int) -> Plan:
-    if tile < 8 or tile & (tile - 1):
+def _check_tile(tile: object) -> None:
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 8 or tile & (tile - 1):
         raise ValueError(f"Invalid tile={tile!r}. Must be a power of two >= 8.")
+
+
+def _build_plan(layout: ShardLayout, device: torch.device, tile: int) -> Plan:
+    _check_tile(tile)
     block, cap, n = layout.block_size, layout.capacity, layout.world_size
     if block is not None and block % 8:
         raise ValueError(f"The Triton kernels need block_size None or a multiple of 8, got {block}.")
@@ -340,8 +344,8 @@ def tuned(tile: int | None = None, num_warps: int | None = None):
     """Run the kernels with another ``TILE`` and warps per program inside the block (None: the default),
     restoring both after. Results do not depend on either beyond the scales' summation order (tests)."""
     global TILE, NUM_WARPS
-    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 8 or tile & (tile - 1)):
-        raise ValueError(f"Invalid tile={tile!r}. Must be a power of two >= 8.")
+    if tile is not None:
+        _check_tile(tile)
     if num_warps is not None and num_warps not in WARP_CHOICES:
         raise ValueError(f"Invalid num_warps={num_warps!r}. Must be one of {WARP_CHOICES} or None.")
     before = TILE, NUM_WARPS
