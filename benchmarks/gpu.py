@@ -77,8 +77,9 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int)
     return statistics.median(samples)
 
 
-def exchange_rows(numel: int, device: torch.device, repeats: int) -> list[dict]:
-    """Part 1: copy, worker encode and whole exchange per scheme, for one ``numel`` fp32 buffer."""
+def exchange_rows(numel: int, device: torch.device, repeats: int, check: bool = True) -> list[dict]:
+    """Part 1: copy, worker encode and whole exchange per scheme, for one ``numel`` fp32 buffer
+    (``check``: also one step fused vs eager per scheme, ``fused_vs_eager``)."""
     transport = TorchDistributedTransport()
     x = torch.randn(numel, generator=torch.Generator().manual_seed(0)).to(device)
     copy_into = torch.empty_like(x)
@@ -99,11 +100,11 @@ def exchange_rows(numel: int, device: torch.device, repeats: int) -> list[dict]:
         pieces = [("whole exchange", whole)]
         if scheme != "none":
             pieces.insert(0, ("worker step", worker_step(ex, scheme, x)))
-        check = fused_vs_eager(ex, x) if scheme != "none" else ""
+        verdict = fused_vs_eager(ex, x) if scheme != "none" and check else ""
         for piece, fn in pieces:
             seconds = median_seconds(fn, device, repeats)
             rows.append(
-                {"part": "exchange", "numel": numel, "method": name, "piece": piece, "seconds": seconds, "check": check}
+                {"part": "exchange", "numel": numel, "method": name, "piece": piece, "seconds": seconds, "check": verdict}
             )
         del state, ex
     for r in rows:
@@ -183,6 +184,9 @@ def gpt2_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
             rows += gpt2_method_rows(args, device, config, ids, upstream_name, upstream)
         except Exception as err:  # noqa: BLE001 - upstream's failure is a result to report, not ours to fix
             rows.append(gpt2_error_row(upstream_name, err, limit=300))
+    if not args.no_profile:
+        for name in ("CDAdam (block 2048)", "OneBitAdam (compressed phase, lr 0)"):
+            profile_optimizer(args, device, config, ids, builders[name], name)
     adamw_opt = next(r["seconds"] for r in rows if r["piece"] == "optimizer step" and r["method"].startswith("AdamW"))
     for r in rows:
         r["times_adamw_optimizer"] = r["seconds"] / adamw_opt if r["piece"] == "optimizer step" else ""
@@ -236,6 +240,36 @@ def gpt2_method_rows(args, device, config, ids, name, build) -> list[dict]:
     rows.append({**rows[-1], "piece": "optimizer step", "seconds": statistics.median(opt_s)})
     del model, opt
     return rows
+
+
+def profile_optimizer(args, device, config, ids, build, name) -> None:
+    """Where one optimizer step's time goes: ``torch.profiler`` around the ``step()`` after ``args.warmup``
+    training steps, the top operators and kernels by device time, into ``<results>/profile_<name>.txt``."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).to(device)
+    opt = build(model.parameters())
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for i in range(args.warmup + 1):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        synchronize(device)
+        if i < args.warmup:
+            opt.step()
+        else:
+            with profile(activities=activities) as prof:
+                opt.step()
+                synchronize(device)
+        opt.zero_grad(set_to_none=True)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
+    slug = "".join(c if c.isalnum() else "_" for c in name.split(" (")[0]).lower()
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"profile_{slug}.txt").write_text(f"{name}: one optimizer step after {args.warmup} warm-up steps\n{table}\n")
+    del model, opt
 
 
 def upstream_onebit_builder(device: torch.device, backend: str | None = None) -> tuple[Callable | None, str]:
@@ -304,6 +338,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--skip-gpt2", action="store_true")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="skip profiling one CDAdam and one OneBitAdam optimizer step (profile_*.txt)")
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     args = parser.parse_args()
 

@@ -72,18 +72,22 @@ def test_gpu_benchmark_runs_on_cpu(tmp_path):
 
 
 def test_gpu_tune_sweeps_each_setting_and_names_the_best(tmp_path):
-    """gpu_tune.py's dry run: one row per (setting, scheme, piece), and the summary picks the fastest."""
+    """gpu_tune.py's dry run: one row per (setting, scheme, piece), the defaults with and without vector
+    loads first, the fused-vs-eager check on the first setting only, and the summary picks the fastest."""
     run_benchmark("gpu_tune.py", "--device", "cpu", "--sizes", "2e4", "--tiles", "4096", "8192", "--warps", "auto",
                   "8", "--repeats", "1", "--results", str(tmp_path))  # fmt: skip
     rows = read_csv(tmp_path / "gpu_tune.csv")
-    settings = {(r["tile"], r["warps"]) for r in rows}
-    assert settings == {("4096", "auto"), ("4096", "8"), ("8192", "auto"), ("8192", "8")}
+    settings = list(dict.fromkeys((r["tile"], r["warps"], r["vector_loads"]) for r in rows))
+    assert settings == [("4096", "auto", "True"), ("4096", "auto", "False"), ("4096", "8", "True"),
+                        ("8192", "auto", "True"), ("8192", "8", "True")]  # fmt: skip
     worker = [r for r in rows if r["method"] == "CD-Adam, block 2048" and r["piece"] == "worker step"]
-    assert len(worker) == 4
+    assert len(worker) == 5
+    assert [bool(r["check"]) for r in worker] == [True, False, False, False, False]
     best = min(worker, key=lambda r: float(r["times_copy"]))
     line = next(x for x in (tmp_path / "gpu_tune.txt").read_text().splitlines()
                 if "CD-Adam, block 2048" in x and "worker step" in x)  # fmt: skip
     assert f"best {float(best['times_copy']):.2f}x at tile {best['tile']}, warps {best['warps']}" in line
+    assert f"(scalar loads {float(worker[1]['times_copy']):>6.2f}x)" in line
 
 
 UPSTREAM_ONEBIT_ON_CPU = """

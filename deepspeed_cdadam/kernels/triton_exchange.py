@@ -67,6 +67,9 @@ TILE = 4096
 #: (``benchmarks/gpu_tune.py`` sweeps them on a GPU).
 NUM_WARPS: int | None = None
 WARP_CHOICES = (1, 2, 4, 8, 16, 32)
+#: Whether launches over shards that are all ``shard_even`` compile the kernels' ``EVEN`` variant (16-byte
+#: loads and stores); ``tuned(vector_loads=False)`` turns it off to measure what it gains.
+VECTOR_LOADS = True
 #: Partial sums a block's (or the tensor's) scale program adds per step.
 REDUCE_CHUNK = 1024
 NORMS = ("l1", "l2")
@@ -178,7 +181,10 @@ class Plan:
     """One layout's work units and tables on one device (built once, ``plan``).
 
     Unit ``u`` covers ``rows`` rows of shard ``unit_shard[u]`` from coordinate ``unit_start[u]`` of
-    that shard, ``row_stride`` apart, each at most ``row_width`` long and never past its block.
+    that shard, ``row_stride`` apart, each at most ``row_width`` long and never past its block; its
+    first row lies in block ``unit_blk[u]`` of the shard, row ``r`` in block ``unit_blk[u] + r``.
+    ``shard_even[j]``: shard ``j`` has a multiple of 8 coordinates and starts at one (a launch over such shards only
+    may tell the compiler so: 16-byte loads, ``triton_sign._tile``).
     ``chunked``: blocks are longer than a row, so scales need the partial-sum and group passes;
     group ``g`` (the ``g``-th block of the buffer) has units ``group_unit0[g] ...`` (``group_units[g]``
     of them) and ``group_numel[g]`` coordinates. Units and groups are numbered shard after shard:
@@ -197,12 +203,14 @@ class Plan:
     shard_blk0: torch.Tensor
     unit_shard: torch.Tensor
     unit_start: torch.Tensor
+    unit_blk: torch.Tensor
     group_unit0: torch.Tensor
     group_units: torch.Tensor
     group_numel: torch.Tensor
     all_group: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     shard_units: tuple[int, ...]
     shard_groups: tuple[int, ...]
+    shard_even: tuple[bool, ...]
 
     @property
     def num_units(self) -> int:
@@ -237,7 +245,7 @@ def _build_plan(layout: ShardLayout, device: torch.device, tile: int) -> Plan:
     else:
         rows, stride = max(1, tile // width), block
     i64 = dict(dtype=torch.int64)
-    starts, shards, g_unit0, g_units, g_numel, blk0, unit_counts, group_counts = [], [], [], [], [], [], [0], [0]
+    starts, blks, shards, g_unit0, g_units, g_numel, blk0, unit_counts, group_counts = [], [], [], [], [], [], [], [0], [0]
     for j in range(n):
         size = layout.shard_sizes[j]
         beff = block if block is not None else max(size, 1)
@@ -259,6 +267,7 @@ def _build_plan(layout: ShardLayout, device: torch.device, tile: int) -> Plan:
             g_unit0.append(unit_counts[-1] + torch.cumsum(counts, 0) - counts)
             g_numel.append(torch.cat([torch.full((full,), beff, **i64), torch.tensor(has_last, **i64) * last]))
         starts.append(s)
+        blks.append(s // beff)
         shards.append(torch.full((s.numel(),), j, **i64))
         unit_counts.append(unit_counts[-1] + s.numel())
         group_counts.append(group_counts[-1] + nblocks)
@@ -281,6 +290,7 @@ def _build_plan(layout: ShardLayout, device: torch.device, tile: int) -> Plan:
         shard_blk0=put(torch.tensor(blk0, **i64)),
         unit_shard=put(torch.cat(shards)),
         unit_start=put(torch.cat(starts)),
+        unit_blk=put(torch.cat(blks)),
         group_unit0=put(torch.cat(g_unit0) if g_unit0 else empty),
         group_units=put(torch.cat(g_units) if g_units else empty, torch.int32),
         group_numel=put(torch.cat(g_numel) if g_numel else empty),
@@ -291,6 +301,7 @@ def _build_plan(layout: ShardLayout, device: torch.device, tile: int) -> Plan:
         ),
         shard_units=tuple(unit_counts),
         shard_groups=tuple(group_counts),
+        shard_even=tuple(size % 8 == 0 and off % 8 == 0 for size, off in zip(layout.shard_sizes, layout.shard_offsets)),
     )
 
 
@@ -340,25 +351,34 @@ def _num_warps(p: Plan) -> int:
 
 
 @contextlib.contextmanager
-def tuned(tile: int | None = None, num_warps: int | None = None):
+def tuned(tile: int | None = None, num_warps: int | None = None, vector_loads: bool = True):
     """Run the kernels with another ``TILE`` and warps per program inside the block (None: the default),
-    restoring both after. Results do not depend on either beyond the scales' summation order (tests)."""
-    global TILE, NUM_WARPS
+    and with or without ``VECTOR_LOADS``, restoring all three after. Results do not depend on any of them
+    beyond the scales' summation order (tests)."""
+    global TILE, NUM_WARPS, VECTOR_LOADS
     if tile is not None:
         _check_tile(tile)
     if num_warps is not None and num_warps not in WARP_CHOICES:
         raise ValueError(f"Invalid num_warps={num_warps!r}. Must be one of {WARP_CHOICES} or None.")
-    before = TILE, NUM_WARPS
+    before = TILE, NUM_WARPS, VECTOR_LOADS
     TILE = before[0] if tile is None else tile
     NUM_WARPS = num_warps
+    VECTOR_LOADS = bool(vector_loads)
     try:
         yield
     finally:
-        TILE, NUM_WARPS = before
+        TILE, NUM_WARPS, VECTOR_LOADS = before
 
 
 def _tables(p: Plan) -> tuple[torch.Tensor, ...]:
-    return p.unit_shard, p.unit_start, p.shard_off, p.shard_size, p.shard_beff
+    return p.unit_shard, p.unit_start, p.unit_blk, p.shard_off, p.shard_size, p.shard_beff
+
+
+def _even(p: Plan, shard: int | None) -> bool:
+    """Whether every shard a launch touches (all, or ``shard``) is ``shard_even`` (the kernels' ``EVEN``)."""
+    if not VECTOR_LOADS:
+        return False
+    return all(p.shard_even) if shard is None else p.shard_even[shard]
 
 
 def _check_norm_scope(norm: str, scope: str) -> None:
@@ -414,7 +434,7 @@ def _encode(
         g0, g1 = p.shard_groups[shard], p.shard_groups[shard + 1]
         shift = layout.shard_offsets[shard]
     dt, l2, warps = _dtype_args(a.dtype), norm == "l2", _num_warps(p)
-    shape = dict(R=p.rows, BP=p.row_width)
+    shape = dict(R=p.rows, BP=p.row_width, EVEN=_even(p, shard))
     if scope == "tensor" or p.chunked:
         partial = torch.empty(p.num_units, dtype=a.dtype, device=device)
         _launch(
@@ -553,7 +573,8 @@ def decode_mean_add(
         _kernels().decode_kernel, u1 - u0, out.device, messages, out, *_tables(p),
         u0, layout.shard_offsets[shard], shard, 0, messages.stride(0), messages.shape[0],
         (layout.capacity + 7) // 8, p.row_stride,
-        ACCUMULATE=True, R=p.rows, BP=p.row_width, num_warps=_num_warps(p), **_dtype_args(out.dtype),
+        ACCUMULATE=True, R=p.rows, BP=p.row_width, EVEN=_even(p, shard), num_warps=_num_warps(p),
+        **_dtype_args(out.dtype),
     )  # fmt: skip
 
 
@@ -571,7 +592,8 @@ def decode_shards(
     _launch(
         _kernels().decode_kernel, p.num_units, out.device, messages, out, *_tables(p),
         0, 0, 0, messages.stride(0), 0, 1, (layout.capacity + 7) // 8, p.row_stride,
-        ACCUMULATE=accumulate, R=p.rows, BP=p.row_width, num_warps=_num_warps(p), **_dtype_args(out.dtype),
+        ACCUMULATE=accumulate, R=p.rows, BP=p.row_width, EVEN=_even(p, None), num_warps=_num_warps(p),
+        **_dtype_args(out.dtype),
     )  # fmt: skip
 
 

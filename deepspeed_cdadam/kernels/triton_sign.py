@@ -2,7 +2,7 @@
 
 Every kernel walks *units*: unit ``u`` is ``R`` rows of a shard, row ``r`` starting ``row_start =
 unit_start[u] + r * RS`` coordinates into shard ``j = unit_shard[u]`` and ending at the end of its
-scale block (``block = row_start // beff[j]``) or after ``BP`` coordinates, whichever comes first.
+scale block (``block = row_start // beff[j]``, read from ``unit_blk``) or after ``BP`` coordinates, whichever comes first.
 With blocks of at most ``BP`` coordinates a row is a whole block (``RS = block_size``, ``R`` blocks
 per unit); with longer blocks (or one block per shard) a row is one ``BP``-long chunk of a block
 and ``R = 1``. A row always starts on a byte boundary of its shard's message (blocks and chunks
@@ -80,19 +80,35 @@ def _scale(total, count, L2: tl.constexpr, IS_F64: tl.constexpr):
 
 @triton.jit
 def _tile(
-    unit, unit_shard_ptr, unit_start_ptr, shard_off_ptr, shard_size_ptr, shard_beff_ptr, elem_shift, RS,
-    R: tl.constexpr, BP: tl.constexpr,
+    unit, unit_shard_ptr, unit_start_ptr, unit_blk_ptr, shard_off_ptr, shard_size_ptr, shard_beff_ptr, elem_shift, RS,
+    R: tl.constexpr, BP: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
-    """The unit's rows: shard, its size and block length, per-row start/block/length, element mask and offsets."""
+    """The unit's rows: shard, its size and block length, per-row start/block/length, element mask and offsets.
+
+    Row ``r`` is block ``unit_blk[u] + r`` of its shard (rows are whole blocks when ``R > 1``; a unit of one
+    row lies inside one block), so no integer division is needed. Rows start at multiples of 8 (blocks
+    and chunks are multiples of 8 long); ``EVEN`` (every shard the launch touches has a multiple of 8
+    coordinates and starts at a multiple of 8, so row lengths and offsets are multiples of 8 too) lets the
+    compiler load and store 16 bytes at a time, masks being constant over each group of 8.
+    """
     j = tl.load(unit_shard_ptr + unit)
-    start = tl.load(unit_start_ptr + unit)
-    off = tl.load(shard_off_ptr + j) - elem_shift
+    start = tl.multiple_of(tl.load(unit_start_ptr + unit), 8)
+    blk0 = tl.load(unit_blk_ptr + unit)
+    off = tl.load(shard_off_ptr + j)
+    if EVEN:  # (hints go on loads and arithmetic that no folding removes)
+        off = tl.multiple_of(off, 8)
+    off = off - elem_shift
+    if EVEN:
+        off = tl.multiple_of(off, 8)
     size = tl.load(shard_size_ptr + j)
     beff = tl.load(shard_beff_ptr + j)
-    row_start = start + tl.arange(0, R).to(tl.int64) * RS  # [R], within the shard
-    blk = row_start // beff
+    r = tl.arange(0, R).to(tl.int64)
+    row_start = tl.multiple_of(start + r * RS, 8)  # [R], within the shard
+    blk = blk0 + r
     blk_end = tl.minimum((blk + 1) * beff, size)
     row_len = tl.minimum(tl.maximum(blk_end - row_start, 0), BP)
+    if EVEN:
+        row_len = tl.multiple_of(row_len, 8)
     q = tl.arange(0, BP // 8)
     bit = tl.arange(0, 8)
     e = q[None, :, None] * 8 + bit[None, None, :]  # [1, BP/8, 8]: coordinate within the row
@@ -130,15 +146,16 @@ def _magnitude(p, L2: tl.constexpr):
 @triton.jit
 def partial_sums_kernel(
     a_ptr, b_ptr, partial_ptr,
-    unit_shard_ptr, unit_start_ptr, shard_off_ptr, shard_size_ptr, shard_beff_ptr,
+    unit_shard_ptr, unit_start_ptr, unit_blk_ptr, shard_off_ptr, shard_size_ptr, shard_beff_ptr,
     unit0, elem_shift, RS,
-    MODE: tl.constexpr, L2: tl.constexpr, R: tl.constexpr, BP: tl.constexpr,
+    MODE: tl.constexpr, L2: tl.constexpr, R: tl.constexpr, BP: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
     """``partial[u] = sum |p|`` (L1) or ``sum p^2`` (L2) over unit ``u``'s coordinates."""
     unit = unit0 + tl.program_id(0)
     j, size, beff, row_start, blk, row_len, q, bit, mask, idx = _tile(
-        unit, unit_shard_ptr, unit_start_ptr, shard_off_ptr, shard_size_ptr, shard_beff_ptr, elem_shift, RS, R, BP
-    )
+        unit, unit_shard_ptr, unit_start_ptr, unit_blk_ptr, shard_off_ptr, shard_size_ptr, shard_beff_ptr, elem_shift, RS,
+        R, BP, EVEN,
+    )  # fmt: skip
     p, b = _values(a_ptr, b_ptr, idx, mask, MODE)
     v = tl.where(mask, _magnitude(p, L2), 0.0)
     tl.store(partial_ptr + unit, _sum(_sum(_sum(v, axis=2), axis=1), axis=0))
@@ -165,16 +182,17 @@ def group_scale_kernel(
 @triton.jit
 def encode_kernel(
     a_ptr, b_ptr, wire_ptr, scales_ptr,
-    unit_shard_ptr, unit_start_ptr, shard_off_ptr, shard_size_ptr, shard_beff_ptr, shard_blk0_ptr,
+    unit_shard_ptr, unit_start_ptr, unit_blk_ptr, shard_off_ptr, shard_size_ptr, shard_beff_ptr, shard_blk0_ptr,
     unit0, elem_shift, wire_shard0, width, packed_cap, RS,
-    MODE: tl.constexpr, SCALE_SRC: tl.constexpr, L2: tl.constexpr, R: tl.constexpr, BP: tl.constexpr,
+    MODE: tl.constexpr, SCALE_SRC: tl.constexpr, L2: tl.constexpr, R: tl.constexpr, BP: tl.constexpr, EVEN: tl.constexpr,
     IS_F64: tl.constexpr, FLOAT: tl.constexpr, UINT: tl.constexpr, ITEM: tl.constexpr,
 ):  # fmt: skip
     """Signs packed into the wire, scales written after them, and the state update of ``MODE``."""
     unit = unit0 + tl.program_id(0)
     j, size, beff, row_start, blk, row_len, q, bit, mask, idx = _tile(
-        unit, unit_shard_ptr, unit_start_ptr, shard_off_ptr, shard_size_ptr, shard_beff_ptr, elem_shift, RS, R, BP
-    )
+        unit, unit_shard_ptr, unit_start_ptr, unit_blk_ptr, shard_off_ptr, shard_size_ptr, shard_beff_ptr, elem_shift, RS,
+        R, BP, EVEN,
+    )  # fmt: skip
     p, b = _values(a_ptr, b_ptr, idx, mask, MODE)
     row_ok = (row_start < size) | (row_start == 0)  # a row with coordinates, or an empty shard's only block
     if SCALE_SRC == 0:
@@ -189,9 +207,9 @@ def encode_kernel(
     pos = (p >= 0) & mask
     byte = _sum(pos.to(tl.int32) << bit[None, None, :], axis=2).to(tl.uint8)  # [R, BP/8]
     msg = wire_ptr + (j - wire_shard0) * width
-    tl.store(msg + (row_start[:, None] // 8 + q[None, :]), byte, mask=(q[None, :] * 8) < row_len[:, None])
+    tl.store(msg + ((row_start[:, None] >> 3) + q[None, :]), byte, mask=(q[None, :] * 8) < row_len[:, None])
     # the block's scale, byte by byte (little endian), by the row that starts the block
-    first = ((row_start % beff) == 0) & row_ok
+    first = (row_start == blk * beff) & row_ok
     pattern = scale.to(UINT, bitcast=True)
     slot = msg + packed_cap + blk * ITEM
     for k in tl.static_range(ITEM):
@@ -209,9 +227,9 @@ def encode_kernel(
 @triton.jit
 def decode_kernel(
     msgs_ptr, out_ptr,
-    unit_shard_ptr, unit_start_ptr, shard_off_ptr, shard_size_ptr, shard_beff_ptr,
+    unit_shard_ptr, unit_start_ptr, unit_blk_ptr, shard_off_ptr, shard_size_ptr, shard_beff_ptr,
     unit0, elem_shift, msg_shard0, shard_stride, msg_stride, nmsgs, packed_cap, RS,
-    ACCUMULATE: tl.constexpr, R: tl.constexpr, BP: tl.constexpr,
+    ACCUMULATE: tl.constexpr, R: tl.constexpr, BP: tl.constexpr, EVEN: tl.constexpr,
     IS_F64: tl.constexpr, FLOAT: tl.constexpr, UINT: tl.constexpr, ITEM: tl.constexpr,
 ):  # fmt: skip
     """``out (+)= (C_0 + C_1 + ... + C_{n-1}) / n``, summed in message order, of the ``nmsgs`` messages of each shard.
@@ -220,10 +238,11 @@ def decode_kernel(
     """
     unit = unit0 + tl.program_id(0)
     j, size, beff, row_start, blk, row_len, q, bit, mask, idx = _tile(
-        unit, unit_shard_ptr, unit_start_ptr, shard_off_ptr, shard_size_ptr, shard_beff_ptr, elem_shift, RS, R, BP
-    )
+        unit, unit_shard_ptr, unit_start_ptr, unit_blk_ptr, shard_off_ptr, shard_size_ptr, shard_beff_ptr, elem_shift, RS,
+        R, BP, EVEN,
+    )  # fmt: skip
     base = msgs_ptr + (j - msg_shard0) * shard_stride
-    byte_idx = (row_start[:, None] // 8 + q[None, :])[:, :, None]  # [R, BP/8, 1]
+    byte_idx = ((row_start[:, None] >> 3) + q[None, :])[:, :, None]  # [R, BP/8, 1]
     byte_mask = ((q[None, :] * 8) < row_len[:, None])[:, :, None]
     row_ok = row_len > 0
     total = tl.full([R, BP // 8, 8], 0, FLOAT)

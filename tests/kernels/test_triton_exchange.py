@@ -152,7 +152,8 @@ def decoded_shards(wire, layout, norm, dtype):
 
 # (numel, world, block, tile): blocks of 8, 16, 24 (not a power of two), 2048; one-block shards;
 # shard lengths that are not multiples of 8 (numel not a multiple of 8 * world); an empty shard;
-# tile=64/256 forces the chunked path (block sums over several programs) on small sizes.
+# tile=64/256 forces the chunked path (block sums over several programs) on small sizes. The last
+# three have every shard a multiple of 8 long (the kernels' ``EVEN`` variant: 16-byte loads on a GPU).
 LAYOUTS = [
     (1000, 1, 8, None),
     (1003, 3, 16, None),
@@ -162,6 +163,9 @@ LAYOUTS = [
     (4099, 2, 1024, 64),
     (5003, 3, None, 256),
     (2, 3, 8, None),
+    (3072, 3, 24, None),
+    (4096, 2, 1024, 64),
+    (6000, 3, None, 256),
 ]
 
 
@@ -330,35 +334,41 @@ def test_plan_tables_cover_every_coordinate_once(numel, world, block, tile):
     assert p is tx.plan(layout, DEVICE, tile)  # cached
     assert p.unit_start.device.type == torch.device(DEVICE).type and p.unit_start.dtype == torch.int64
     covered = torch.zeros(numel, dtype=torch.int64)
-    starts, shards = p.unit_start.cpu().tolist(), p.unit_shard.cpu().tolist()
-    for start, j in zip(starts, shards):
+    starts, shards, blks = p.unit_start.cpu().tolist(), p.unit_shard.cpu().tolist(), p.unit_blk.cpu().tolist()
+    for start, j, blk in zip(starts, shards, blks):
         size, beff = layout.shard_sizes[j], block or max(layout.shard_sizes[j], 1)
+        assert p.shard_even[j] == (size % 8 == 0 and layout.shard_offsets[j] % 8 == 0)
         for r in range(p.rows):
             row = start + r * p.row_stride
+            assert row % 8 == 0 and blk + r == row // beff  # what the kernels assume and read
             end = min((row // beff + 1) * beff, size, row + p.row_width)
             if row < end:
                 covered[layout.shard_offsets[j] + row : layout.shard_offsets[j] + end] += 1
+                if p.shard_even[j]:  # EVEN launches promise the compiler row lengths in whole groups of 8
+                    assert (end - row) % 8 == 0
     assert torch.equal(covered, torch.ones(numel, dtype=torch.int64))
     assert p.shard_units[-1] == len(starts) and p.shard_groups[-1] == len(layout.block_sizes())
 
 
-def test_tuned_tile_and_warps_change_no_bit_and_are_restored():
+def test_tuned_tile_warps_and_vector_loads_change_no_bit_and_are_restored():
     """``tuned`` (what benchmarks/gpu_tune.py sweeps): the same wire bytes and state as the tile passed
-    explicitly (the chunked path at tile 64), whatever the warps; both knobs restored, also after an error."""
-    layout, dtype = ShardLayout(4099, 2, 1024), torch.float32
-    g, h = data(4099, dtype, 7)
+    explicitly (the chunked path at tile 64), whatever the warps and with or without the ``EVEN``
+    variant (every shard here is a multiple of 8 long); all knobs restored, also after an error."""
+    layout, dtype = ShardLayout(4096, 2, 1024), torch.float32
+    g, h = data(4096, dtype, 7)
     g_d, h_ref = dev(g, h)
     want = tx.markov_worker_step(g_d, h_ref, layout, width_of(layout, dtype), tile=64)
-    for warps in (2, None):
+    for warps, vector in ((2, True), (None, False)):
         h_d = dev(h)[0]
-        with tx.tuned(tile=64, num_warps=warps):
-            assert tx.plan(layout, DEVICE).tile == 64 and tx._num_warps(tx.plan(layout, DEVICE)) == (warps or 4)
+        with tx.tuned(tile=64, num_warps=warps, vector_loads=vector):
+            p = tx.plan(layout, DEVICE)
+            assert p.tile == 64 and tx._num_warps(p) == (warps or 4) and tx._even(p, None) == vector
             wire = tx.markov_worker_step(g_d, h_d, layout, width_of(layout, dtype))
         assert torch.equal(wire.cpu(), want.cpu()) and torch.equal(h_d.cpu(), h_ref.cpu())
-    assert (tx.TILE, tx.NUM_WARPS) == (4096, None)
-    with pytest.raises(RuntimeError, match="inside"), tx.tuned(tile=128, num_warps=16):
+    assert (tx.TILE, tx.NUM_WARPS, tx.VECTOR_LOADS) == (4096, None, True)
+    with pytest.raises(RuntimeError, match="inside"), tx.tuned(tile=128, num_warps=16, vector_loads=False):
         raise RuntimeError("inside")
-    assert (tx.TILE, tx.NUM_WARPS) == (4096, None)
+    assert (tx.TILE, tx.NUM_WARPS, tx.VECTOR_LOADS) == (4096, None, True)
     with pytest.raises(ValueError, match="Invalid tile=100"), tx.tuned(tile=100):
         pass
     with pytest.raises(ValueError, match="Invalid num_warps=3"), tx.tuned(num_warps=3):
