@@ -265,7 +265,7 @@ def profile_optimizer(args, device, config, ids, build, name) -> None:
                 synchronize(device)
         opt.zero_grad(set_to_none=True)
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
+    table = prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=70)
     slug = "".join(c if c.isalnum() else "_" for c in name.split(" (")[0]).lower()
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"profile_{slug}.txt").write_text(f"{name}: one optimizer step after {args.warmup} warm-up steps\n{table}\n")

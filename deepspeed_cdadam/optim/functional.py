@@ -72,19 +72,44 @@ def apply_update_(
     (the caller's own temporary): the second order is computed in ``direction`` itself, with the
     same operations, so no further full-size temporary is made (but ``wd * x`` with weight decay).
     """
-    offset = 0
+    # a few multi-tensor launches per operation, not one per parameter (GPT-2: ~150); each element sees the
+    # same operations as ``p.add_(d, alpha=-lr)`` etc. on its own. Chunks bound the temporaries (``wd * x``,
+    # the update) to what one chunk of parameters needs, as the per-parameter loop bounded them to one.
+    ds, offset = [], 0
+    for p in params:
+        ds.append(direction[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
     with torch.no_grad():
-        for p in params:
-            d = direction[offset : offset + p.numel()].view_as(p)
-            offset += p.numel()
+        for ps, ds_ in _chunks([p.detach() for p in params], ds):
             if decoupled:
                 if weight_decay != 0.0:
-                    p.mul_(1 - lr * weight_decay)
-                p.add_(d.to(p.dtype), alpha=-lr)
+                    torch._foreach_mul_(ps, 1 - lr * weight_decay)
+                torch._foreach_add_(ps, _cast(ds_, ps), alpha=-lr)
             elif overwrite_direction:  # the same operations as below, in d
                 if weight_decay > 0.0:
-                    d.add_(weight_decay * p)
-                p.add_(d.mul_(-lr).to(p.dtype))
+                    torch._foreach_add_(ds_, torch._foreach_mul(ps, weight_decay))
+                torch._foreach_mul_(ds_, -lr)
+                torch._foreach_add_(ps, _cast(ds_, ps))
             else:  # DeepSpeed OnebitAdam's own operations: update = d + wd * p; p += -lr * update
-                update = d + weight_decay * p if weight_decay > 0.0 else d
-                p.add_((-lr * update).to(p.dtype))
+                update = torch._foreach_add(ds_, torch._foreach_mul(ps, weight_decay)) if weight_decay > 0.0 else ds_
+                torch._foreach_add_(ps, _cast(torch._foreach_mul(update, -lr), ps))
+
+
+def _chunks(ps: list[torch.Tensor], ds: list[torch.Tensor]):
+    """``(ps, ds)`` in consecutive pieces of at most a quarter of all coordinates, or one parameter if larger:
+    the temporaries of a piece stay within the bound the per-parameter loop had (the largest parameter)
+    or a quarter of the bucket (tests/optim/test_allocations.py)."""
+    limit = max(max((p.numel() for p in ps), default=0), sum(p.numel() for p in ps) // 4)
+    start, total = 0, 0
+    for i, p in enumerate(ps):
+        if i > start and total + p.numel() > limit:
+            yield ps[start:i], ds[start:i]
+            start, total = i, 0
+        total += p.numel()
+    if start < len(ps):
+        yield ps[start:], ds[start:]
+
+
+def _cast(xs: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each ``xs[i]`` in ``like[i]``'s dtype (the same tensor where it already is)."""
+    return [x.to(y.dtype) for x, y in zip(xs, like)]
