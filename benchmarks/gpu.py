@@ -163,7 +163,12 @@ def gpt2_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
         # every coordinate receives a 1-bit momentum, so any lr > 0 diverges on a random GPT-2 (upstream's
         # exp_avg_mask case); the lr does not change the work timed.
         "OneBitAdam (compressed phase, lr 0)": lambda ps: OneBitAdam(ps, lr=0.0, freeze_step=1),
+        # what a non-finite flag carried inside the data message could save at most: the step agreement's
+        # all-reduce, its host read and the non-finite check, removed (benchmark only: unsafe to train so)
+        "CDAdam (block 2048), no step agreement": cdadam_without_agreement,
     }
+    if args.gpt2_methods:  # AdamW always: the ratios are to it
+        builders = {k: v for k, v in builders.items() if k.startswith("AdamW") or any(m in k for m in args.gpt2_methods)}
     rows = []
     for name, build in builders.items():
         try:
@@ -186,11 +191,21 @@ def gpt2_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
             rows.append(gpt2_error_row(upstream_name, err, limit=300))
     if not args.no_profile:
         for name in ("CDAdam (block 2048)", "OneBitAdam (compressed phase, lr 0)"):
-            profile_optimizer(args, device, config, ids, builders[name], name)
+            if name in builders:
+                profile_optimizer(args, device, config, ids, builders[name], name)
     adamw_opt = next(r["seconds"] for r in rows if r["piece"] == "optimizer step" and r["method"].startswith("AdamW"))
     for r in rows:
         r["times_adamw_optimizer"] = r["seconds"] / adamw_opt if r["piece"] == "optimizer step" else ""
     return rows
+
+
+def cdadam_without_agreement(params) -> CDAdam:
+    """CDAdam whose step skips ``agree_on_step`` (the non-finite check, its all-reduce and host read):
+    its time minus this one's is the agreement's whole cost per step, the bound on what carrying the
+    flag inside the data message could save."""
+    opt = CDAdam(params, lr=1e-4, block_size=2048)
+    opt._gradients_usable = lambda *args, **kwargs: True
+    return opt
 
 
 def gpt2_error_row(method: str, err: BaseException, limit: int = 200) -> dict:
@@ -338,6 +353,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--skip-gpt2", action="store_true")
+    parser.add_argument("--gpt2-methods", nargs="+", default=None,
+                        help="time only the GPT-2 optimizers whose names contain one of these (and AdamW)")
     parser.add_argument("--no-profile", action="store_true",
                         help="skip profiling one CDAdam and one OneBitAdam optimizer step (profile_*.txt)")
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
