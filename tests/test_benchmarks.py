@@ -202,3 +202,12 @@ def test_overlap_benchmark_runs_and_reports_both_settings(tmp_path):
     assert "exposed communication" in (tmp_path / "overlap.txt").read_text()
     after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert after == before
+
+
+def test_host_overhead_times_each_optimizer(tmp_path):
+    """host_overhead.py's dry run: one positive time per optimizer, with the machine named."""
+    run_benchmark("host_overhead.py", "--repeat", "2", "--steps", "3", "--results", str(tmp_path))
+    rows = read_csv(tmp_path / "host_overhead.csv")
+    assert [r["method"] for r in rows] == ["AdamW (torch, foreach)", "CDAdam (block 2048)", "OneBitAdam (compressed phase)"]
+    assert all(float(r["ms_per_step"]) > 0 and r["params"] == "10" and "torch" in r["machine"] for r in rows)
+    assert "10 parameters" in (tmp_path / "host_overhead.txt").read_text()

@@ -97,6 +97,8 @@ class Bucket:
     params: list[torch.Tensor] = field(default_factory=list)
     segments: list[Segment] = field(default_factory=list)
     numel: int = 0
+    #: ``(flat, views)``: views of the gradient buffer ``flat`` shaped like ``params`` (``bucket_grad``)
+    grad_views: tuple | None = field(default=None, repr=False, compare=False)
 
     def name(self) -> str:
         """``param_groups[i, j]``: the groups with parameters in this bucket (for messages)."""
@@ -277,15 +279,25 @@ class CompressedOptimizer(torch.optim.Optimizer):
         order, a new bucket when the next parameter would pass the cap (PyTorch DDP's buckets, in
         forward order: backward fills the last bucket first).
         """
+        # the same buckets as last time while no parameter, group, key or requires_grad changed: built
+        # again only then (a step asks for them more than once; building walks every parameter)
+        signature = tuple(
+            (id(group), tuple((id(p), p.requires_grad, p.shape, self.bucket_key(group, p)) for p in group["params"]))
+            for group in self.param_groups
+        )
+        cached = self.__dict__.get("_buckets_cache")
+        if cached is not None and cached[0] == signature:
+            return list(cached[1])
         by_key: dict[tuple, Bucket] = {}
         parts: dict[tuple, int] = {}  # base key -> the part now filling (capped buckets)
+        caps: dict[tuple, int | None] = {}  # by key: bucket_cap_numel depends on the dtype only
         for gi, group in enumerate(self.param_groups):
             offset = 0  # in the group's own flat vector
             for p in group["params"]:
                 if not p.requires_grad:
                     continue
                 key = self.bucket_key(group, p)
-                cap = self.bucket_cap_numel(p)
+                cap = caps[key] if key in caps else caps.setdefault(key, self.bucket_cap_numel(p))
                 if cap is not None:
                     base, part = key, parts.get(key, 0)
                     key = (*base, f"part {part}")
@@ -305,6 +317,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
                 bucket.numel += p.numel()
                 seg.stop = bucket.numel
                 offset += p.numel()
+        self._buckets_cache = (signature, list(by_key.values()))
         return list(by_key.values())
 
     @staticmethod
@@ -330,17 +343,19 @@ class CompressedOptimizer(torch.optim.Optimizer):
         device = bucket.params[0].device
         if flat is None or flat.numel() != bucket.numel or flat.dtype != dtype or flat.device != device:
             flat = buffers[bucket.index] = torch.empty(bucket.numel, dtype=dtype, device=device)
-        offset, views, grads = 0, [], []
-        for p in bucket.params:
-            view = flat[offset : offset + p.numel()]
-            offset += p.numel()
-            if p.grad is None:
+        if bucket.grad_views is None or bucket.grad_views[0] is not flat:  # made once per buffer
+            pieces = flat.split([p.numel() for p in bucket.params])
+            bucket.grad_views = (flat, [piece.view(p.shape) for piece, p in zip(pieces, bucket.params)])
+        views, grads = [], []
+        for p, view in zip(bucket.params, bucket.grad_views[1]):
+            g = p.grad
+            if g is None:
                 view.zero_()
-            elif p.grad.is_sparse:
+            elif g.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
             else:
                 views.append(view)
-                grads.append(p.grad.reshape(-1))
+                grads.append(g)
         if views:  # one multi-tensor copy, not one launch per parameter (GPT-2: ~150)
             torch._foreach_copy_(views, grads)
         return flat

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch._utils import _unflatten_dense_tensors  # (what DDP and DeepSpeed use to split a flat buffer)
 
 
 def amsgrad_direction(
@@ -74,13 +75,13 @@ def apply_update_(
     """
     # a few multi-tensor launches per operation, not one per parameter (GPT-2: ~150); each element sees the
     # same operations as ``p.add_(d, alpha=-lr)`` etc. on its own. Chunks bound the temporaries (``wd * x``,
-    # the update) to what one chunk of parameters needs, as the per-parameter loop bounded them to one.
-    ds, offset = [], 0
-    for p in params:
-        ds.append(direction[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
+    # the update, a cast) to what one chunk of parameters needs, as the per-parameter loop bounded them to
+    # one; the decoupled update of parameters in the direction's dtype makes none: one chunk.
+    numels = [p.numel() for p in params]
+    ds = _unflatten_dense_tensors(direction, params)  # views of direction shaped like params, in one call
+    temporaries = not decoupled or any(p.dtype != direction.dtype for p in params)
     with torch.no_grad():
-        for ps, ds_ in _chunks([p.detach() for p in params], ds):
+        for ps, ds_ in _chunks(params, ds, numels) if temporaries else [(params, ds)]:
             if decoupled:
                 if weight_decay != 0.0:
                     torch._foreach_mul_(ps, 1 - lr * weight_decay)
@@ -95,21 +96,23 @@ def apply_update_(
                 torch._foreach_add_(ps, _cast(torch._foreach_mul(update, -lr), ps))
 
 
-def _chunks(ps: list[torch.Tensor], ds: list[torch.Tensor]):
+def _chunks(ps: list[torch.Tensor], ds: list[torch.Tensor], numels: list[int]):
     """``(ps, ds)`` in consecutive pieces of at most a quarter of all coordinates, or one parameter if larger:
     the temporaries of a piece stay within the bound the per-parameter loop had (the largest parameter)
-    or a quarter of the bucket (tests/optim/test_allocations.py)."""
-    limit = max(max((p.numel() for p in ps), default=0), sum(p.numel() for p in ps) // 4)
+    or a quarter of the bucket (tests/optim/test_allocations.py). ``numels``: the parameters' sizes."""
+    limit = max(max(numels, default=0), sum(numels) // 4)
     start, total = 0, 0
-    for i, p in enumerate(ps):
-        if i > start and total + p.numel() > limit:
+    for i, n in enumerate(numels):
+        if i > start and total + n > limit:
             yield ps[start:i], ds[start:i]
             start, total = i, 0
-        total += p.numel()
+        total += n
     if start < len(ps):
         yield ps[start:], ds[start:]
 
 
 def _cast(xs: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each ``xs[i]`` in ``like[i]``'s dtype (the same tensor where it already is)."""
+    if all(x.dtype == y.dtype for x, y in zip(xs, like)):
+        return xs
     return [x.to(y.dtype) for x, y in zip(xs, like)]

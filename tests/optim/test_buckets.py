@@ -148,3 +148,44 @@ def test_onebit_non_freeze_groups_get_their_own_bucket():
         [{"params": [p0]}, {"params": [p1], "non_freeze": True}], transport=InProcessWorld(1).transports[0]
     )
     assert [len(b.params) for b in opt.buckets()] == [1, 1]
+
+
+def test_buckets_are_built_again_whenever_what_decides_them_changes():
+    """``buckets()`` is memoised (a step asks for it more than once; building walks every parameter): the
+    same objects while nothing changed, new ones when a parameter's requires_grad or dtype, a group's
+    parameters, the groups themselves (``load_state_dict`` makes new group dicts: the segments must hold
+    the new ones, which the lr scheduler changes) or a group's key (1-bit Adam's ``non_freeze``) changes."""
+    a, b, c = (torch.nn.Parameter(torch.randn(n)) for n in (30, 50, 20))
+    opt = OneBitAdam([{"params": [a, b]}], lr=1e-3, freeze_step=1, transport=InProcessWorld(1).transports[0])
+
+    def step():
+        for p in (a, b):
+            p.grad = torch.ones_like(p)
+        opt.step()
+
+    def ids():
+        return [[id(p) for p in bk.params] for bk in opt.buckets()]
+
+    step()
+    first = opt.buckets()
+    assert opt.buckets()[0] is first[0] and ids() == [[id(a), id(b)]]
+    changes = [
+        (lambda: opt.load_state_dict(opt.state_dict()), [[id(a), id(b)]]),
+        (lambda: b.requires_grad_(False), [[id(a)]]),
+        (lambda: b.requires_grad_(True), [[id(a), id(b)]]),
+        (lambda: opt.add_param_group({"params": [c]}), [[id(a), id(b), id(c)]]),
+        (lambda: opt.param_groups[1].__setitem__("non_freeze", True), [[id(a), id(b)], [id(c)]]),
+        (lambda: setattr(c, "data", c.data.double()), [[id(a), id(b)], [id(c)]]),
+    ]
+    for i, (change, want) in enumerate(changes):
+        before = opt.buckets()
+        change()
+        after = opt.buckets()
+        assert after[-1] is not before[-1] and ids() == want
+        assert all(s.group is opt.param_groups[s.group_index] for bk in after for s in bk.segments)
+        if i == 0:
+            opt.param_groups[0]["lr"] = 0.0  # read through the new group dict: the step moves nothing
+            before_step = a.detach().clone()
+            step()
+            assert torch.equal(a.detach(), before_step)
+    assert opt.buckets()[-1].key[0] == torch.float64

@@ -62,10 +62,10 @@ def test_chunks_cover_every_parameter_in_order_within_the_bound():
     ps = [torch.empty(n) for n in SIZES]
     ds = [torch.empty(n) for n in SIZES]
     limit = max(max(SIZES), sum(SIZES) // 4)
-    pieces = list(functional._chunks(ps, ds))
+    pieces = list(functional._chunks(ps, ds, SIZES))
     assert len(pieces) > 1
     assert [id(p) for piece, _ in pieces for p in piece] == [id(p) for p in ps]
     assert [id(d) for _, piece in pieces for d in piece] == [id(d) for d in ds]
     for piece, _ in pieces:
         assert len(piece) == 1 or sum(p.numel() for p in piece) <= limit
-    assert list(functional._chunks([], [])) == []
+    assert list(functional._chunks([], [], [])) == []
