@@ -279,8 +279,11 @@ class CompressedOptimizer(torch.optim.Optimizer):
         order, a new bucket when the next parameter would pass the cap (PyTorch DDP's buckets, in
         forward order: backward fills the last bucket first).
         """
+        in_step = self.__dict__.get("_buckets_in_step")
+        if in_step is not None:  # inside step(), which holds them: nothing that decides them changes there
+            return list(in_step)
         # the same buckets as last time while no parameter, group, key or requires_grad changed: built
-        # again only then (a step asks for them more than once; building walks every parameter)
+        # again only then (building walks every parameter)
         signature = tuple(
             (id(group), tuple((id(p), p.requires_grad, p.shape, self.bucket_key(group, p)) for p in group["params"]))
             for group in self.param_groups
@@ -541,6 +544,13 @@ class CompressedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         buckets = self.buckets()
+        self._buckets_in_step = buckets  # planned_step() and the schedule ask for them again
+        try:
+            return self._step(buckets, loss)
+        finally:
+            self._buckets_in_step = None
+
+    def _step(self, buckets: list[Bucket], loss: Any) -> Any:
         prepared, stale = self._overlap.finish(buckets) if self._overlap is not None else ({}, False)
         # a bucket prepared during backward has its gradients in its buffer already (stale: copied again)
         grads = [self._grad_buffers[b.index] if b.index in prepared and not stale else self.bucket_grad(b) for b in buckets]
