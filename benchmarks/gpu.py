@@ -221,6 +221,13 @@ def gpt2_error_row(method: str, err: BaseException, limit: int = 200) -> dict:
             "check": f"{type(err).__name__}: {str(err)[:limit]}"}  # fmt: skip
 
 
+def forward_backward(model, ids: torch.Tensor, device: torch.device) -> None:
+    """One GPT-2 language-modelling forward (bf16 autocast on CUDA) and backward on ``ids``."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+
+
 def gpt2_method_rows(args, device, config, ids, name, build) -> list[dict]:
     """Whole-step and optimizer-step medians and peak memory of one optimizer on GPT-2."""
     from transformers import GPT2LMHeadModel
@@ -236,9 +243,7 @@ def gpt2_method_rows(args, device, config, ids, name, build) -> list[dict]:
     for i in range(args.warmup + args.steps):  # the warm-up also takes OneBitAdam past its freeze_step
         synchronize(device)
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        forward_backward(model, ids, device)
         synchronize(device)
         t1 = time.perf_counter()
         opt.step()
@@ -254,9 +259,7 @@ def gpt2_method_rows(args, device, config, ids, name, build) -> list[dict]:
     for _ in range(args.steps):
         synchronize(device)
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        forward_backward(model, ids, device)
         opt.step()
         opt.zero_grad(set_to_none=True)
         synchronize(device)
@@ -289,9 +292,7 @@ def profile_optimizer(args, device, config, ids, build, name) -> None:
     opt = build(model.parameters())
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for i in range(args.warmup + 1):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        forward_backward(model, ids, device)
         synchronize(device)
         if i < args.warmup:
             opt.step()

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch._utils import _unflatten_dense_tensors  # views of a flat buffer shaped like the parameters
 
 from ..comm.accounting import CommStats
 from ..comm.layout import ShardLayout, make_layout
@@ -347,8 +348,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
         if flat is None or flat.numel() != bucket.numel or flat.dtype != dtype or flat.device != device:
             flat = buffers[bucket.index] = torch.empty(bucket.numel, dtype=dtype, device=device)
         if bucket.grad_views is None or bucket.grad_views[0] is not flat:  # made once per buffer
-            pieces = flat.split([p.numel() for p in bucket.params])
-            bucket.grad_views = (flat, [piece.view(p.shape) for piece, p in zip(pieces, bucket.params)])
+            bucket.grad_views = (flat, _unflatten_dense_tensors(flat, bucket.params))
         views, grads = [], []
         for p, view in zip(bucket.params, bucket.grad_views[1]):
             g = p.grad
@@ -394,11 +394,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
         master = state.get(MASTER_PARAMS)
         if master is None or params[0].dtype == master.dtype:
             return
-        offset, views = 0, []
-        for p in params:
-            views.append(master[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
-        torch._foreach_copy_([p.detach() for p in params], views)
+        torch._foreach_copy_([p.detach() for p in params], _unflatten_dense_tensors(master, params))
 
     def compression_layout(self) -> dict[str, Any]:
         """What fixes the order and meaning of the compression state: a state saved under another
