@@ -165,9 +165,9 @@ def gpt2_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
         # every coordinate receives a 1-bit momentum, so any lr > 0 diverges on a random GPT-2 (upstream's
         # exp_avg_mask case); the lr does not change the work timed.
         "OneBitAdam (compressed phase, lr 0)": lambda ps: OneBitAdam(ps, lr=0.0, freeze_step=1),
-        # what a non-finite flag carried inside the data message could save at most: the step agreement's
-        # all-reduce, its host read and the non-finite check, removed (benchmark only: unsafe to train so)
-        "CDAdam (block 2048), no step agreement": cdadam_without_agreement,
+        # the row above decides its non-finite skip on the device (the flag inside the messages up, no host
+        # read); this one agrees every step on the host (DEEPSPEED_CDADAM_STEP_AGREEMENT=host): what that saves
+        "CDAdam (block 2048), host agreement": cdadam_host_agreement,
     }
     if args.gpt2_methods:  # AdamW always: the ratios are to it
         builders = {k: v for k, v in builders.items() if k.startswith("AdamW") or any(m in k for m in args.gpt2_methods)}
@@ -206,12 +206,12 @@ def gpt2_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
     return rows
 
 
-def cdadam_without_agreement(params, **kwargs) -> CDAdam:
-    """CDAdam whose step skips ``agree_on_step`` (the non-finite check, its all-reduce and host read):
-    its time minus this one's is the agreement's whole cost per step, the bound on what carrying the
-    flag inside the data message could save."""
+def cdadam_host_agreement(params, **kwargs) -> CDAdam:
+    """CDAdam agreeing on every step with a control message the host reads (``agree_on_step``), as where the
+    kernels cannot decide the skip on the device (``DEEPSPEED_CDADAM_STEP_AGREEMENT=host``): its time minus
+    the default row's is what the device-decided step saves."""
     opt = CDAdam(params, lr=1e-4, block_size=2048, **kwargs)
-    opt._gradients_usable = lambda *args, **kw: True
+    opt._decides_on_device = lambda *args, **kw: False
     return opt
 
 

@@ -21,7 +21,8 @@ fi
 nvidia-smi -L > "$out/card.txt" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" >> "$out/card.txt" 2>&1
 timeout "${GPU_TESTS_TIMEOUT:-240}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/optim/test_nccl.py \
-  tests/optim/test_gpu.py tests/optim/test_functional.py tests/kernels/test_triton_exchange.py 2>&1 | tee "$out/gpu_tests.log"
+  tests/optim/test_gpu.py tests/optim/test_functional.py tests/kernels/test_triton_exchange.py \
+  tests/kernels/test_device_decided_step.py 2>&1 | tee "$out/gpu_tests.log"
 tests_rc=$?
 timeout "${GPU_BENCH_TIMEOUT:-300}" python3 benchmarks/gpu.py --results "$out" "${@:2}" 2>&1 | tee "$out/gpu_bench.log"
 bench_rc=$?

@@ -107,6 +107,47 @@ def mean_in_rank_order(pieces: list[torch.Tensor]) -> torch.Tensor:
     return total / len(pieces)
 
 
+class StepSkip:
+    """A step whose skip is decided on the device, with no host read and no collective of its own.
+
+    ``mine`` (0-dim bool on the buffers' device): this rank's gradients hold a NaN or an inf. A scheme
+    that supports it (``SUPPORTS_DEVICE_SKIP``) sends such a rank's correction as zero and marks every
+    message it sends up (``mark_skipped``); each server reads the marks of the messages it receives
+    (``skipped_anywhere``): as every rank is the server of a shard and receives a message from every
+    rank, all ranks learn the same answer from the exchange they run anyway. ``anywhere`` (0-dim bool,
+    identical on every rank) is that answer, recorded by the exchange (the OR over a step's buckets).
+    """
+
+    def __init__(self, mine: torch.Tensor) -> None:
+        self.mine = mine
+        self.anywhere: torch.Tensor | None = None
+
+    def record(self, anywhere: torch.Tensor) -> None:
+        self.anywhere = anywhere if self.anywhere is None else self.anywhere | anywhere
+
+
+def _sign_bytes(messages: torch.Tensor, layout: ShardLayout, dtype: torch.dtype) -> torch.Tensor:
+    """The byte holding the sign bit of the first scale of each message (rows of ``messages``): the
+    scaled-sign wire format is ``[ceil(capacity / 8) bytes of signs | max_blocks scales]``, little endian."""
+    item = torch.empty((), dtype=dtype).element_size()
+    return messages[:, (layout.capacity + 7) // 8 + item - 1]
+
+
+def mark_skipped(messages: torch.Tensor, mine: torch.Tensor, layout: ShardLayout, dtype: torch.dtype) -> None:
+    """Set the sign bit of the first scale of each of this rank's messages (rows) where ``mine`` is true.
+
+    A scale is a mean of magnitudes or a root of one, never ``-0.0`` (nor a negative NaN) when computed,
+    so the bit says "skipped" and nothing else; a skipped rank's scales are all zero, so the mark
+    (``-0.0``) decodes to a zero correction as they do."""
+    column = _sign_bytes(messages, layout, dtype)
+    column.bitwise_or_(mine.to(torch.uint8) << 7)
+
+
+def skipped_anywhere(messages: torch.Tensor, layout: ShardLayout, dtype: torch.dtype) -> torch.Tensor:
+    """Whether any of the received messages (rows, one per sender) is marked by ``mark_skipped`` (0-dim bool)."""
+    return (_sign_bytes(messages, layout, dtype) >= 128).any()
+
+
 class PreparedExchange:
     """An exchange whose collectives have run and whose state changes wait: ``commit(state)`` applies
     them and returns what ``exchange`` would have; dropping it leaves the state as it was (a step
@@ -154,6 +195,13 @@ class Exchange(ABC):
     @abstractmethod
     def exchange(self, x: torch.Tensor, state: dict, *, step: int, group: int = 0) -> torch.Tensor:
         """Return the estimate of ``mean_i x_i`` that every rank receives (identical on all ranks)."""
+
+    #: Whether ``exchange`` takes ``skip=StepSkip`` (the skip of a non-finite step decided on the device).
+    SUPPORTS_DEVICE_SKIP: bool = False
+
+    def decides_skip_on_device(self, x: torch.Tensor, state: dict) -> bool:
+        """Whether this step of ``x`` would decide a ``StepSkip`` on its fused device kernels (no: the default)."""
+        return False
 
 
 class AllReduceExchange(Exchange):
@@ -416,12 +464,22 @@ class CompressedExchange(Exchange):
         return self._kernel(x, *state) is not None
 
     def run_kernel(
-        self, x: torch.Tensor, state: tuple[torch.Tensor, ...], *, step: int, group: int
+        self, x: torch.Tensor, state: tuple[torch.Tensor, ...], *, step: int, group: int, skip: StepSkip | None = None
     ) -> torch.Tensor | None:
         """This step on the registered kernel where one applies (its result), else ``None``: the caller
-        runs its eager lines. ``state``: the scheme's buffers, in the order its kernels take them."""
+        runs its eager lines. ``state``: the scheme's buffers, in the order its kernels take them.
+        ``skip``: passed on to a kernel that takes it (``KernelImpl.device_skip``), else the eager lines run."""
         impl = self._kernel(x, *state)
-        return None if impl is None else impl.run(self, x, state, step, group)
+        if impl is None or (skip is not None and not impl.device_skip):
+            return None
+        if skip is None:
+            return impl.run(self, x, state, step, group)
+        return impl.run(self, x, state, step, group, skip=skip)
+
+    def device_skip_kernel(self, x: torch.Tensor, *state: torch.Tensor) -> bool:
+        """Whether this step runs on a fused kernel that decides a skip on the device (the Triton kernels)."""
+        impl = self._kernel(x, *state)
+        return impl is not None and impl.device_skip
 
 
 class MarkovExchange(CompressedExchange):
@@ -435,19 +493,43 @@ class MarkovExchange(CompressedExchange):
         StateSpec(DOWN_MARKOV_STATE, FULL, RANK_IDENTICAL, "gtil, the down Markov state"),
     )
 
-    def exchange(self, x: torch.Tensor, state: dict, *, step: int, group: int = 0) -> torch.Tensor:
+    SUPPORTS_DEVICE_SKIP = True
+
+    def decides_skip_on_device(self, x: torch.Tensor, state: dict) -> bool:
+        """Whether a step of ``x`` with ``skip`` runs on the Triton kernels (where a skipped step costs
+        nothing extra; the eager lines take ``skip`` too, at one more pass, and serve as the reference)."""
+        return self.device_skip_kernel(x, state[MARKOV_STATE], state[SERVER_MARKOV_STATE], state[DOWN_MARKOV_STATE])
+
+    def exchange(
+        self, x: torch.Tensor, state: dict, *, step: int, group: int = 0, skip: StepSkip | None = None
+    ) -> torch.Tensor:
+        """Steps (1)-(5). ``skip`` (``StepSkip``): a rank whose ``skip.mine`` is true takes ``g_i - h_i``
+        as zero (its correction is zero, its ``h_i`` stays) and marks its messages up; ``skip.anywhere``
+        gets whether any rank did. The other ranks' corrections count as usual, so ``ghat`` stays
+        ``mean_i h_i`` and ``gtil`` follows it: the compression sequences stay consistent, and the
+        caller leaves the moments and parameters alone where ``skip.anywhere`` is true."""
         h, ghat, gtil = state[MARKOV_STATE], state[SERVER_MARKOV_STATE], state[DOWN_MARKOV_STATE]
-        fused = self.run_kernel(x, (h, ghat, gtil), step=step, group=group)  # kernels.registry
+        fused = self.run_kernel(x, (h, ghat, gtil), step=step, group=group, skip=skip)  # kernels.registry
         if fused is not None:
             return fused
         # (1) worker i: c_i = C(g_i - h_i), sent to the servers (c_i written over the one temporary g_i - h_i)
         d = x - h
+        if skip is not None:
+            d.masked_fill_(skip.mine, 0.0)  # a non-finite gradient: a zero correction
         send = self.encode_up_into(d, d, step=step, group=group)
         # (2) worker i: h_i <- h_i + c_i
         h += d
         del d
         # (3) server: ghat <- ghat + mean_i c_i
-        ghat += self.receive_up(send, x.dtype, step=step, group=group)
+        if skip is None:
+            ghat += self.receive_up(send, x.dtype, step=step, group=group)
+        else:
+            n = self.layout.world_size
+            mark_skipped(send.view(n, -1), skip.mine, self.layout, x.dtype)
+            recv = self.transport.all_to_all(send)
+            self._count(_UP, send.numel(), self._wire_nbytes(x.dtype))
+            skip.record(skipped_anywhere(recv.view(n, -1), self.layout, x.dtype))
+            ghat += self.mean_up(recv, x.dtype, step=step, group=group)
         # (4) server: ctil = C(ghat - gtil), sent to every worker (C written over the shard-sized ghat - gtil);
         # (5) worker i: gtil <- gtil + ctil, shard by shard
         v = ghat - gtil[self.server_slice()]

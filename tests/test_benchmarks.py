@@ -67,7 +67,7 @@ def test_gpu_benchmark_runs_on_cpu(tmp_path):
             assert float(r["times_copy"]) == pytest.approx(float(r["seconds"]) / float(exchange["device copy", "copy"]["seconds"]))
     optim = {r["method"]: r for r in rows if r["part"] == "gpt2" and r["piece"] == "optimizer step"}
     assert set(optim) == {"AdamW (torch, fused)", "CDAdam (block 2048)", "OneBitAdam (compressed phase, lr 0)",
-                          "CDAdam (block 2048), no step agreement"}  # fmt: skip
+                          "CDAdam (block 2048), host agreement"}  # fmt: skip
     assert float(optim["AdamW (torch, fused)"]["times_adamw_optimizer"]) == 1.0
     assert all(r["device"].startswith("CPU") for r in rows)
     assert (tmp_path / "gpu.png").stat().st_size > 0
@@ -75,9 +75,9 @@ def test_gpu_benchmark_runs_on_cpu(tmp_path):
     assert "Optimizer.step#CDAdam.step" in profile and "aminmax" in profile  # the step and its non-finite check
 
 
-def test_gpu_benchmark_picks_gpt2_methods_and_skips_the_agreement_only_there(tmp_path):
-    """``--gpt2-methods``: AdamW and the named rows only. The no-agreement row's optimizer really skips the
-    step agreement (a NaN gradient passes unnoticed there: benchmark only), the plain CDAdam still raises."""
+def test_gpu_benchmark_picks_gpt2_methods_and_its_host_agreement_row_agrees_on_the_host(tmp_path):
+    """``--gpt2-methods``: AdamW and the named rows only. The host-agreement row's optimizer never decides
+    a step on the device (``DEEPSPEED_CDADAM_STEP_AGREEMENT=host``'s behaviour): a NaN raises at its own step."""
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -86,25 +86,20 @@ def test_gpu_benchmark_picks_gpt2_methods_and_skips_the_agreement_only_there(tmp
     run_benchmark(
         "gpu.py", "--device", "cpu", "--sizes", "2e4", "--repeats", "1", "--gpt2-layers", "1", "--gpt2-width", "32",
         "--gpt2-vocab", "100", "--gpt2-seq", "16", "--gpt2-batch", "2", "--warmup", "1", "--steps", "1",
-        "--no-profile", "--gpt2-methods", "no step agreement", "--results", str(tmp_path),
+        "--no-profile", "--gpt2-methods", "host agreement", "--results", str(tmp_path),
     )  # fmt: skip
     optim = {r["method"] for r in read_csv(tmp_path / "gpu.csv") if r["part"] == "gpt2" and r["piece"] == "optimizer step"}
-    assert optim == {"AdamW (torch, fused)", "CDAdam (block 2048), no step agreement"}
+    assert optim == {"AdamW (torch, fused)", "CDAdam (block 2048), host agreement"}
     assert not (tmp_path / "profile_cdadam.txt").exists()
 
-    from deepspeed_cdadam import CDAdam, InProcessWorld
+    from deepspeed_cdadam import InProcessWorld
 
-    outcomes = []
-    for build in (gpu.cdadam_without_agreement, lambda ps, **kw: CDAdam(ps, lr=1e-4, block_size=2048, **kw)):
-        p = torch.nn.Parameter(torch.ones(64))
-        opt = build([p], transport=InProcessWorld(1).transports[0])
-        p.grad = torch.full((64,), float("nan"))
-        try:
-            opt.step()
-            outcomes.append("stepped")
-        except FloatingPointError:
-            outcomes.append("raised")
-    assert outcomes == ["stepped", "raised"]
+    p = torch.nn.Parameter(torch.ones(64))
+    opt = gpu.cdadam_host_agreement([p], transport=InProcessWorld(1).transports[0])
+    assert opt._decides_on_device([], [], opt.planned_step()) is False
+    p.grad = torch.full((64,), float("nan"))
+    with pytest.raises(FloatingPointError, match="No parameter or optimizer state was changed"):
+        opt.step()
 
 
 def test_gpu_tune_sweeps_each_setting_and_names_the_best(tmp_path):

@@ -57,7 +57,7 @@ from ..comm.layout import ShardLayout
 from ..compressors.sign import ScaledSignL1, ScaledSignL2
 
 if TYPE_CHECKING:
-    from ..exchange import CompressedExchange
+    from ..exchange import CompressedExchange, StepSkip
 
 logger = logging.getLogger(__name__)
 
@@ -415,8 +415,10 @@ def _encode(
     norm: str,
     scope: str,
     tile: int | None,
+    skip: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Wire messages of ``C(p)`` (every shard, or shard ``shard`` with ``a``/``b`` that shard's coordinates)."""
+    """Wire messages of ``C(p)`` (every shard, or shard ``shard`` with ``a``/``b`` that shard's coordinates).
+    ``skip``: a one-byte flag on the device; nonzero makes ``p = 0`` (``_values``)."""
     _check_norm_scope(norm, scope)
     _check_width(layout, width, a.dtype)
     k, device = _kernels(), a.device
@@ -434,11 +436,12 @@ def _encode(
         g0, g1 = p.shard_groups[shard], p.shard_groups[shard + 1]
         shift = layout.shard_offsets[shard]
     dt, l2, warps = _dtype_args(a.dtype), norm == "l2", _num_warps(p)
-    shape = dict(R=p.rows, BP=p.row_width, EVEN=_even(p, shard))
+    shape = dict(R=p.rows, BP=p.row_width, EVEN=_even(p, shard), SKIP=skip is not None)
+    flag = wire if skip is None else skip  # an unread pointer without a flag
     if scope == "tensor" or p.chunked:
         partial = torch.empty(p.num_units, dtype=a.dtype, device=device)
         _launch(
-            k.partial_sums_kernel, u1 - u0, device, a, b, partial, *_tables(p), u0, shift, p.row_stride,
+            k.partial_sums_kernel, u1 - u0, device, a, b, partial, *_tables(p), u0, shift, p.row_stride, flag,
             MODE=mode, L2=l2, num_warps=warps, **shape,
         )  # fmt: skip
         if scope == "tensor":
@@ -459,7 +462,7 @@ def _encode(
         scales, source = a, k.SCALE_ROWS  # unused pointer
     _launch(
         k.encode_kernel, u1 - u0, device, a, b, wire, scales, *_tables(p), p.shard_blk0,
-        u0, shift, 0 if shard is None else shard, width, (layout.capacity + 7) // 8, p.row_stride,
+        u0, shift, 0 if shard is None else shard, width, (layout.capacity + 7) // 8, p.row_stride, flag,
         MODE=mode, SCALE_SRC=source, L2=l2, num_warps=warps, **shape, **dt,
     )  # fmt: skip
     return wire
@@ -478,13 +481,27 @@ def markov_worker_step(
     norm: str = "l1",
     scope: str = "block",
     tile: int | None = None,
+    skip: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused ``c = C(g - h)``; ``h += c``; returns the ``world_size`` wire messages concatenated (uint8).
 
     Message ``j`` (``wire_width`` bytes) is shard ``j``'s, byte for byte ``ScaledSign.to_wire``'s format.
+    ``skip`` (a 0-dim bool or uint8 tensor on ``g``'s device, read by the kernels, not by the host): where
+    true, ``g - h`` is taken as zero: every scale is 0 and ``h`` keeps its values (a rank whose gradient
+    is not finite sends a zero correction; ``exchange.mark_skipped`` then marks its messages).
     """
     _check_vectors("markov_worker_step", layout.numel, g, h)
-    return _encode(_kernels().MODE_MARKOV, g, h, layout, None, wire_width, norm, scope, tile)
+    if skip is not None:
+        skip = _check_flag("markov_worker_step", skip, g.device)
+    return _encode(_kernels().MODE_MARKOV, g, h, layout, None, wire_width, norm, scope, tile, skip)
+
+
+def _check_flag(name: str, skip: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``skip`` as the one byte the kernels read (a view where it is one already: no copy, no host read)."""
+    if skip.numel() != 1 or skip.device != device or skip.dtype not in (torch.bool, torch.uint8):
+        raise ValueError(f"{name} needs skip as a one-element bool or uint8 tensor on {device}, got {skip.dtype} "
+                         f"of {skip.numel()} elements on {skip.device}.")  # fmt: skip
+    return skip.reshape(1).view(torch.uint8) if skip.dtype == torch.bool else skip.reshape(1)
 
 
 def markov_encode(
@@ -602,17 +619,29 @@ def decode_shards(
 
 
 def run_markov(
-    ex: CompressedExchange, x: torch.Tensor, h: torch.Tensor, ghat: torch.Tensor, gtil: torch.Tensor
+    ex: CompressedExchange,
+    x: torch.Tensor,
+    h: torch.Tensor,
+    ghat: torch.Tensor,
+    gtil: torch.Tensor,
+    skip: StepSkip | None = None,
 ) -> torch.Tensor:
-    """``MarkovExchange`` steps (1)-(5) on the kernels: the same collectives and wire format as the eager path."""
-    from ..exchange import _DOWN, _UP
+    """``MarkovExchange`` steps (1)-(5) on the kernels: the same collectives and wire format as the eager path.
+    ``skip``: as ``MarkovExchange.exchange``'s (a non-finite gradient sends a zero, marked correction)."""
+    from ..exchange import _DOWN, _UP, mark_skipped, skipped_anywhere
 
     lay, n, me = ex.layout, ex.layout.world_size, ex.rank
     norm, width = _norm(ex), ex._wire_nbytes(x.dtype)
     # (1) + (2): c_i = C(g_i - h_i) straight into the wire messages; h_i += c_i
-    send = markov_worker_step(x, h, lay, width, norm=norm, scope=ex.worker_scale_scope)
+    send = markov_worker_step(
+        x, h, lay, width, norm=norm, scope=ex.worker_scale_scope, skip=None if skip is None else skip.mine
+    )
+    if skip is not None:
+        mark_skipped(send.view(n, -1), skip.mine, lay, x.dtype)
     recv = ex.transport.all_to_all(send).view(n, -1)
     ex._count(_UP, send.numel(), width)
+    if skip is not None:
+        skip.record(skipped_anywhere(recv, lay, x.dtype))
     # (3) ghat += mean_i c_i (decoded and averaged in rank order)
     decode_mean_add(recv, ghat, lay, me)
     # (4) ctil = C(ghat - gtil) for this rank's shard, gathered by every worker

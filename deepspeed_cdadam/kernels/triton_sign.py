@@ -118,8 +118,11 @@ def _tile(
 
 
 @triton.jit
-def _values(a_ptr, b_ptr, idx, mask, MODE: tl.constexpr):
-    """``p`` (the vector being compressed) and ``b`` (the state, where the mode has one)."""
+def _values(a_ptr, b_ptr, idx, mask, skip_ptr, MODE: tl.constexpr, SKIP: tl.constexpr):
+    """``p`` (the vector being compressed) and ``b`` (the state, where the mode has one).
+
+    ``SKIP`` (the worker's Markov step only): ``p = 0`` where the byte at ``skip_ptr`` is nonzero (this
+    rank's gradient is not finite), so the message carries zero scales and ``b`` stays as it was."""
     a = tl.load(a_ptr + idx, mask=mask, other=0.0)
     if MODE == 1 or MODE == 2 or MODE == 3:
         b = tl.load(b_ptr + idx, mask=mask, other=0.0)
@@ -131,6 +134,8 @@ def _values(a_ptr, b_ptr, idx, mask, MODE: tl.constexpr):
         p = a + b
     else:
         p = a
+    if SKIP:
+        p = tl.where(tl.load(skip_ptr) != 0, 0.0, p)
     return p, b
 
 
@@ -147,8 +152,9 @@ def _magnitude(p, L2: tl.constexpr):
 def partial_sums_kernel(
     a_ptr, b_ptr, partial_ptr,
     unit_shard_ptr, unit_start_ptr, unit_blk_ptr, shard_off_ptr, shard_size_ptr, shard_beff_ptr,
-    unit0, elem_shift, RS,
+    unit0, elem_shift, RS, skip_ptr,
     MODE: tl.constexpr, L2: tl.constexpr, R: tl.constexpr, BP: tl.constexpr, EVEN: tl.constexpr,
+    SKIP: tl.constexpr,
 ):  # fmt: skip
     """``partial[u] = sum |p|`` (L1) or ``sum p^2`` (L2) over unit ``u``'s coordinates."""
     unit = unit0 + tl.program_id(0)
@@ -156,7 +162,7 @@ def partial_sums_kernel(
         unit, unit_shard_ptr, unit_start_ptr, unit_blk_ptr, shard_off_ptr, shard_size_ptr, shard_beff_ptr, elem_shift, RS,
         R, BP, EVEN,
     )  # fmt: skip
-    p, b = _values(a_ptr, b_ptr, idx, mask, MODE)
+    p, b = _values(a_ptr, b_ptr, idx, mask, skip_ptr, MODE, SKIP)
     v = tl.where(mask, _magnitude(p, L2), 0.0)
     tl.store(partial_ptr + unit, _sum(_sum(_sum(v, axis=2), axis=1), axis=0))
 
@@ -183,9 +189,9 @@ def group_scale_kernel(
 def encode_kernel(
     a_ptr, b_ptr, wire_ptr, scales_ptr,
     unit_shard_ptr, unit_start_ptr, unit_blk_ptr, shard_off_ptr, shard_size_ptr, shard_beff_ptr, shard_blk0_ptr,
-    unit0, elem_shift, wire_shard0, width, packed_cap, RS,
+    unit0, elem_shift, wire_shard0, width, packed_cap, RS, skip_ptr,
     MODE: tl.constexpr, SCALE_SRC: tl.constexpr, L2: tl.constexpr, R: tl.constexpr, BP: tl.constexpr, EVEN: tl.constexpr,
-    IS_F64: tl.constexpr, FLOAT: tl.constexpr, UINT: tl.constexpr, ITEM: tl.constexpr,
+    IS_F64: tl.constexpr, FLOAT: tl.constexpr, UINT: tl.constexpr, ITEM: tl.constexpr, SKIP: tl.constexpr,
 ):  # fmt: skip
     """Signs packed into the wire, scales written after them, and the state update of ``MODE``."""
     unit = unit0 + tl.program_id(0)
@@ -193,7 +199,7 @@ def encode_kernel(
         unit, unit_shard_ptr, unit_start_ptr, unit_blk_ptr, shard_off_ptr, shard_size_ptr, shard_beff_ptr, elem_shift, RS,
         R, BP, EVEN,
     )  # fmt: skip
-    p, b = _values(a_ptr, b_ptr, idx, mask, MODE)
+    p, b = _values(a_ptr, b_ptr, idx, mask, skip_ptr, MODE, SKIP)
     row_ok = (row_start < size) | (row_start == 0)  # a row with coordinates, or an empty shard's only block
     if SCALE_SRC == 0:
         v = tl.where(mask, _magnitude(p, L2), 0.0)

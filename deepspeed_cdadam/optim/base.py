@@ -37,12 +37,12 @@ from ..comm.accounting import CommStats
 from ..comm.layout import ShardLayout, make_layout
 from ..comm.transport import TorchDistributedTransport, Transport, check_on_transport_device
 from ..compressors.base import Compressor
-from ..exchange import EXCHANGES, Exchange, PreparedExchange, make_exchange
+from ..exchange import EXCHANGES, Exchange, PreparedExchange, StepSkip, make_exchange
 from ..hierarchical_exchange import NodeHierarchy
 from ..state import FULL, PER_RANK, RANK_IDENTICAL, StateSpec, keys_with_scope
 from ..types import EXP_AVG, EXP_AVG_SQ, MASTER_PARAMS, MAX_EXP_AVG_SQ, STEP
 from ..schedule import StepKind
-from .safety import agree_on_step, check_ranks_agree
+from .safety import DecidedSkip, agree_on_step, any_nonfinite, check_ranks_agree, step_agreement
 
 if TYPE_CHECKING:
     from .overlap import BackwardOverlap
@@ -403,7 +403,9 @@ class CompressedOptimizer(torch.optim.Optimizer):
         return {"scale_blocks": self.scale_blocks, "exchanges": list(self.exchange_names()), **hierarchy}
 
     def state_dict(self) -> dict[str, Any]:
-        """``torch.optim.Optimizer.state_dict`` plus the rank and world size its per-rank state belongs to."""
+        """``torch.optim.Optimizer.state_dict`` plus the rank and world size its per-rank state belongs to
+        (after ``synchronize()``: step counts include the last step's skip)."""
+        self.synchronize()
         out = super().state_dict()
         tr = self.transport
         out[RANK_STATE_TAG] = {
@@ -459,6 +461,8 @@ class CompressedOptimizer(torch.optim.Optimizer):
         (moments, compression state, master weights) stay in ``buffer_dtype`` (fp32 for fp16/bf16).
         """
         state_dict = self._drop_foreign_rank_state(state_dict)
+        self._pending_skip = None  # the last step's decision concerns the state being replaced
+        self._agreed_plan = None  # the next step agrees synchronously again
         super().load_state_dict({k: v for k, v in state_dict.items() if k != RANK_STATE_TAG})
         self._load_dtypes(state_dict)
         from ..checkpoint import check_bucket_layout  # noqa: PLC0415 - checkpoint imports nothing of ours
@@ -498,12 +502,18 @@ class CompressedOptimizer(torch.optim.Optimizer):
             self.init_bucket_state(bucket, state, zeros)
         return state
 
-    def exchange_bucket(self, bucket: Bucket, grad: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
-        """This step's exchange of ``bucket``: the one prepared during backward, committed, or run now."""
+    def exchange_bucket(
+        self, bucket: Bucket, grad: torch.Tensor, state: dict[str, Any], skip: StepSkip | None = None
+    ) -> torch.Tensor:
+        """This step's exchange of ``bucket``: the one prepared during backward, committed, or run now
+        (with ``skip``: a step decided on the device, ``_step_decided_on_device``)."""
         prepared = self._prepared.get(bucket.index)
         if prepared is not None:
             return prepared.commit(state)
-        return self._exchange_for(bucket.index, grad.numel()).exchange(grad, state, step=state[STEP], group=bucket.index)
+        exchange = self._exchange_for(bucket.index, grad.numel())
+        if skip is not None:
+            return exchange.exchange(grad, state, step=state[STEP], group=bucket.index, skip=skip)  # type: ignore[call-arg]
+        return exchange.exchange(grad, state, step=state[STEP], group=bucket.index)
 
     def no_overlap(self):
         """A context in which backward starts no exchange (DDP's ``no_sync()``: wrap the micro-batches
@@ -524,7 +534,10 @@ class CompressedOptimizer(torch.optim.Optimizer):
     def step(self, closure: Any = None) -> Any:
         """One step: flatten each bucket's gradients, agree on the step (one control message), then
         per bucket one exchange and the update of each of its groups' segments. With ``overlap`` the
-        exchanges started during backward (``optim.overlap``) and are committed here."""
+        exchanges started during backward (``optim.overlap``) and are committed here. Where the step's
+        skip is decided on the device (``_step_decided_on_device``) there is no control message, and
+        the step's outcome is read at the next ``step()`` or ``synchronize()``."""
+        self.synchronize()  # the previous step's outcome, if it was decided on the device
         if self.ignore_steps:
             if self._overlap is not None:
                 self._overlap.drop_round()
@@ -554,9 +567,12 @@ class CompressedOptimizer(torch.optim.Optimizer):
             check_on_transport_device(self.transport, grad, f"The gradient of {bucket.name()}")
         self._check_layout_unchanged(buckets, grads)
         planned = self.planned_step()
+        if self._decides_on_device(buckets, grads, planned):
+            return self._step_decided_on_device(buckets, grads, planned, loss)
         agreement: dict[str, bool] = {}
         if not self._gradients_usable(buckets, grads, planned, stale=stale, agreement=agreement):
             return loss
+        self._agreed_plan = planned
         if agreement.get("stale"):  # some rank's gradients changed after its messages left: every rank redoes them
             self._warn_stale_once()
             prepared = {}
@@ -576,6 +592,116 @@ class CompressedOptimizer(torch.optim.Optimizer):
         self.notify_next_step()
         return loss
 
+    # --- the step decided on the device ------------------------------------------------------
+    #: Whether this optimizer's ``bucket_step`` takes ``skip=StepSkip`` and then leaves moments and
+    #: parameters as they were where ``skip.anywhere`` is true (``update_decides_on_device`` says
+    #: for which buffers its update does so without the host).
+    DEVICE_SKIP = False
+    #: The plan all ranks agreed on at the last synchronous agreement (None: none yet, or loaded since).
+    _agreed_plan: StepKind | None = None
+    #: The last step's outcome where it was decided on the device, not yet read (``synchronize``).
+    _pending_skip: DecidedSkip | None = None
+
+    def update_decides_on_device(self, bucket: Bucket, grad: torch.Tensor, state: dict[str, Any]) -> bool:
+        """Whether the optimizer's update of ``bucket`` skips on the device (a ``DEVICE_SKIP`` optimizer's kernels)."""
+        return False
+
+    def _decides_on_device(self, buckets: list[Bucket], grads: list[torch.Tensor], planned: StepKind) -> bool:
+        """Whether this step's skip is decided on the device, with no control message and no host read.
+
+        Where every bucket's exchange and update run on kernels that take the flag (CD-Adam on CUDA with
+        the Triton kernels), with no ``overlap``, after a synchronous agreement on the same plan (the
+        first step, the first after a load and the first of a new kind of step agree synchronously), and
+        unless ``DEEPSPEED_CDADAM_STEP_AGREEMENT=host``. Every condition is the same on every rank
+        (configuration, agreed plan, agreed kernel availability, buffer layouts), so all ranks choose alike.
+        """
+        if not (self.DEVICE_SKIP and self._overlap is None and planned == self._agreed_plan):
+            return False
+        if step_agreement() != "device":
+            return False
+        for bucket, grad in zip(buckets, grads):
+            state = self.bucket_state(bucket)
+            exchange = self._exchanges.get((bucket.index, self.exchange_name))
+            if not state or exchange is None or not exchange.SUPPORTS_DEVICE_SKIP:
+                return False
+            if not (exchange.decides_skip_on_device(grad, state) and self.update_decides_on_device(bucket, grad, state)):
+                return False
+        return True
+
+    def _step_decided_on_device(self, buckets: list[Bucket], grads: list[torch.Tensor], planned: StepKind, loss: Any) -> Any:
+        """A step whose non-finite skip is decided on the device, with no collective of its own and no host read.
+
+        Each rank's flag (NaN/inf in any of its gradients) is computed on the device and travels inside
+        its messages up (``exchange.StepSkip``): every rank learns the same answer from the exchange it
+        runs anyway. Where it is set: ranks with a non-finite gradient send zero corrections, the others'
+        count as usual (the compression sequences stay consistent), and no moment, parameter or weight
+        decay changes on any rank (the update kernels read the flag). Step counts go ahead here and are
+        put back when the outcome is read (``synchronize``: at the next ``step()``, ``state_dict()``,
+        ``completed_steps()``, or now where the next step's plan depends on it), which then raises for
+        ``nonfinite_grads="error"`` or counts the skip, on every rank alike.
+        """
+        skip = StepSkip(any_nonfinite(grads))
+        states = []
+        for bucket, grad in zip(buckets, grads):
+            state = self.bucket_state(bucket)
+            state[STEP] += 1
+            states.append(state)
+            targets = self.update_targets(bucket.params, state)
+            self.bucket_step(bucket, targets, state, grad, planned, skip=skip)  # type: ignore[call-arg]
+            self.copy_master_to_params(bucket.params, state)
+        self.steps_taken += 1
+        self._pending_skip = DecidedSkip(skip, states, self.steps_taken)
+        if self._next_plan_depends_on_this_step(states):
+            self._settle_skip()
+        if self.consistency_check_every and self.steps_taken % self.consistency_check_every == 0:
+            self._settle_skip()
+            self.check_ranks_agree()
+        self.notify_next_step()
+        return loss
+
+    def _next_plan_depends_on_this_step(self, states: list[dict[str, Any]]) -> bool:
+        """Whether the next step's plan would differ if this step were skipped (1-bit Adam's freeze step)."""
+        ahead = self.planned_step()
+        for state in states:
+            state[STEP] -= 1
+        try:
+            behind = self.planned_step()
+        finally:
+            for state in states:
+                state[STEP] += 1
+        return ahead != behind
+
+    def synchronize(self) -> None:
+        """Read the outcome of the last step where it was decided on the device: on a skip, put its
+        step counts back, then raise ``FloatingPointError`` (``nonfinite_grads="error"``) or count it in
+        ``skipped_steps``, on every rank alike. Waits for that step's device work only (not for work
+        queued after it). ``step()``, ``state_dict()`` and ``completed_steps()`` call it."""
+        if self._pending_skip is not None and self.__dict__.get("_buckets_in_step") is None:
+            self._settle_skip()
+
+    def _settle_skip(self) -> None:
+        pending, self._pending_skip = self._pending_skip, None
+        if pending is None:
+            return
+        anywhere, mine = pending.read()
+        if not anywhere:
+            return
+        for state in pending.states:
+            state[STEP] -= 1
+        self.steps_taken -= 1
+        here = "including this one" if mine else "not this one"
+        if self.nonfinite_grads == "skip":
+            self.skipped_steps += 1
+            logger.warning("Non-finite gradient on some rank (%s) at step %d: skipped on every rank.", here, pending.step)
+            return
+        raise FloatingPointError(
+            f"Non-finite gradient (NaN or inf) on some rank ({here}) at step {pending.step}, read after it ran (its "
+            "skip was decided on the device). No parameter, moment or weight decay changed on any rank and step "
+            "counts were put back; the ranks with finite gradients advanced their compression state (the others "
+            "sent zero corrections). Use fp16 loss scaling, lower the lr, or set nonfinite_grads='skip' to skip such "
+            "steps on every rank."
+        )
+
     # --- the communication schedule --------------------------------------------------------
     #: True if this optimizer lets a framework's exact gradient average stand in for its own on
     #: ``EXACT`` steps (1-bit Adam's warm-up); set ``engine_averages_exact_steps`` to use that.
@@ -586,7 +712,9 @@ class CompressedOptimizer(torch.optim.Optimizer):
 
         Reads without creating state: asked before a framework swaps the parameters for its own
         copies (DeepSpeed's fp16 wrapper), an empty entry would be left under a parameter the
-        optimizer no longer has, and ``state_dict()`` would fail on it."""
+        optimizer no longer has, and ``state_dict()`` would fail on it. Outside ``step()`` it reads the
+        last step's outcome first (``synchronize``)."""
+        self.synchronize()
         return max((self.state.get(b.params[0], {}).get(STEP, 0) for b in self.buckets()), default=0)
 
     def planned_step(self) -> StepKind:

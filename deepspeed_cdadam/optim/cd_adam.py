@@ -9,6 +9,8 @@ import torch
 from ..comm.transport import DEFAULT_TIMEOUT_S, Transport
 from ..compressors.base import Compressor
 from ..config import CDAdamConfig
+from ..exchange import StepSkip
+from ..kernels import triton_amsgrad
 from ..types import EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP
 from ..schedule import StepKind
 from .base import ADAM_MOMENTS, AMSGRAD_MAX, Bucket, CompressedOptimizer, Segment
@@ -123,7 +125,14 @@ class CDAdam(CompressedOptimizer):
             None: the launcher's ``LOCAL_WORLD_SIZE`` / ``LOCAL_SIZE``.
         nonfinite_grads: "error" (default): a NaN/inf gradient on any rank raises
             ``FloatingPointError`` on every rank before any state changes; "skip": every rank skips
-            the step (``skipped_steps`` counts them). Either costs one tiny all-reduce per step.
+            the step (``skipped_steps`` counts them). On the CPU (and wherever the Triton kernels do
+            not run) this costs one tiny all-reduce per step, read by the host. On CUDA with the Triton
+            kernels and no ``overlap``, from the second step on, it costs nothing: the flag travels inside
+            the messages up and the kernels skip on the device (``optim.base._step_decided_on_device``);
+            a skipped step then changes no parameter, moment or weight decay on any rank, but ranks with
+            finite gradients advance their Markov state (the others send zero corrections), and the
+            outcome is read at the next ``step()`` (or ``synchronize()``, ``state_dict()``): "error"
+            raises there, one call later. ``DEEPSPEED_CDADAM_STEP_AGREEMENT=host`` keeps the all-reduce.
         consistency_check_every: every N steps, check that parameters and rank-identical state are
             bit-identical on all ranks (raises naming the first differing tensor); 0 = never.
         bucket_cap_mb: largest communication bucket in MB (whole parameters in forward order, as
@@ -179,6 +188,14 @@ class CDAdam(CompressedOptimizer):
             state[MAX_EXP_AVG_SQ] = zeros.clone()  # \hat v_t (read by the segments of amsgrad groups)
         self._exchange_for(bucket.index, zeros.numel()).init_state(state, zeros)  # Markov states (or error buffers)
 
+    #: A step's non-finite skip can be decided on the device (``optim.base._step_decided_on_device``):
+    #: the Markov exchange takes the flag, and the update kernel (``kernels.triton_amsgrad``) reads it.
+    DEVICE_SKIP = True
+
+    def update_decides_on_device(self, bucket: Bucket, grad: torch.Tensor, state: dict[str, Any]) -> bool:
+        moments = [state[EXP_AVG], state[EXP_AVG_SQ]] + ([state[MAX_EXP_AVG_SQ]] if MAX_EXP_AVG_SQ in state else [])
+        return triton_amsgrad.applies(grad, *moments)
+
     def bucket_step(
         self,
         bucket: Bucket,
@@ -186,14 +203,22 @@ class CDAdam(CompressedOptimizer):
         state: dict[str, Any],
         grad: torch.Tensor,
         kind: StepKind,
+        skip: StepSkip | None = None,
     ) -> None:
+        """``skip``: a step decided on the device (``StepSkip``): the exchange carries the flag, and the
+        update (one Triton pass) leaves moments and parameters alone where ``skip.anywhere`` is set."""
         # (1)-(5): one compressed exchange for the whole bucket; every rank gets the same estimate gtil
-        estimate = self.exchange_bucket(bucket, grad, state)  # started during backward, with overlap
+        estimate = self.exchange_bucket(bucket, grad, state, skip)  # started during backward, with overlap
         for seg in bucket.segments:  # (6)-(9) per group, with its hyperparameters
-            self.segment_update(seg, self.segment_targets(bucket, seg, params), state, estimate)
+            self.segment_update(seg, self.segment_targets(bucket, seg, params), state, estimate, skip)
 
     def segment_update(
-        self, seg: Segment, params: list[torch.Tensor], state: dict[str, Any], estimate: torch.Tensor
+        self,
+        seg: Segment,
+        params: list[torch.Tensor],
+        state: dict[str, Any],
+        estimate: torch.Tensor,
+        skip: StepSkip | None = None,
     ) -> None:
         """Steps (6)-(9) on the segment ``seg.slice`` of the bucket's buffers, with ``seg.group``'s hyperparameters."""
         group, sl = seg.group, seg.slice
@@ -203,17 +228,21 @@ class CDAdam(CompressedOptimizer):
             if MAX_EXP_AVG_SQ not in state:  # a group turned amsgrad on after the state was made
                 state[MAX_EXP_AVG_SQ] = state[EXP_AVG_SQ].clone()  # vhat starts at v, as at step 1
             max_sq = state[MAX_EXP_AVG_SQ]
-        # (6)-(8) moments, then the direction m / sqrt(vhat + eps)
-        direction = amsgrad_direction(
-            estimate[sl],
-            state[EXP_AVG][sl],
-            state[EXP_AVG_SQ][sl],
-            None if max_sq is None else max_sq[sl],
+        moments = dict(
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
             # a group saved before the option existed has no key: it ran without correction
             bias_correction_step=state[STEP] if group.get("bias_correction", False) else None,
         )
+        m, v, vmax = state[EXP_AVG][sl], state[EXP_AVG_SQ][sl], None if max_sq is None else max_sq[sl]
+        if skip is None:  # (6)-(8) moments, then the direction m / sqrt(vhat + eps)
+            direction = amsgrad_direction(estimate[sl], m, v, vmax, **moments)
+        else:  # the same in one pass, nothing written (a zero direction) where the step is skipped
+            assert skip.anywhere is not None, "the exchange records whether any rank skipped"
+            direction = triton_amsgrad.amsgrad_direction(estimate[sl], m, v, vmax, skip.anywhere, **moments)
         # (9) x <- (1 - lr*wd) x - lr * direction
-        apply_update_(params, direction, lr=group["lr"], weight_decay=group["weight_decay"])
+        apply_update_(
+            params, direction, lr=group["lr"], weight_decay=group["weight_decay"],
+            skip=None if skip is None else skip.anywhere,
+        )  # fmt: skip

@@ -65,6 +65,7 @@ def apply_update_(
     weight_decay: float,
     decoupled: bool = True,
     overwrite_direction: bool = False,
+    skip: torch.Tensor | None = None,
 ) -> None:
     """``x <- x - lr * (direction + weight_decay * x)`` on each parameter's slice of the flat ``direction``.
 
@@ -72,7 +73,12 @@ def apply_update_(
     update built as ``direction + wd * x`` first (DeepSpeed OnebitAdam). ``overwrite_direction=True``
     (the caller's own temporary): the second order is computed in ``direction`` itself, with the
     same operations, so no further full-size temporary is made (but ``wd * x`` with weight decay).
+    ``skip`` (0-dim bool on the device; decoupled only): where true, the weight decay factor is 1, and the
+    caller's ``direction`` is zero (``kernels.triton_amsgrad``): the parameters keep their values, and the
+    host reads nothing.
     """
+    if skip is not None and not decoupled:
+        raise ValueError("apply_update_: skip needs the decoupled update.")
     # a few multi-tensor launches per operation, not one per parameter (GPT-2: ~150); each element sees the
     # same operations as ``p.add_(d, alpha=-lr)`` etc. on its own. Chunks bound the temporaries (``wd * x``,
     # the update, a cast) to what one chunk of parameters needs, as the per-parameter loop bounded them to
@@ -83,8 +89,11 @@ def apply_update_(
     with torch.no_grad():
         for ps, ds_ in _chunks(params, ds, numels) if temporaries else [(params, ds)]:
             if decoupled:
-                if weight_decay != 0.0:
+                if weight_decay != 0.0 and skip is None:
                     torch._foreach_mul_(ps, 1 - lr * weight_decay)
+                elif weight_decay != 0.0:  # the factor as a device scalar: 1 on a skipped step
+                    factor = torch.where(skip, 1.0, 1 - lr * weight_decay).to(ps[0].dtype)
+                    torch._foreach_mul_(ps, factor)
                 torch._foreach_add_(ps, _cast(ds_, ps), alpha=-lr)
             elif overwrite_direction:  # the same operations as below, in d
                 if weight_decay > 0.0:

@@ -3,13 +3,17 @@
 * ``agree_on_step``: which ranks hold a NaN/inf gradient this step, and that every rank plans the
   same kind of step (``schedule.StepKind``), in one small all-reduce: every rank raises, or every
   rank skips, or every rank runs the same step; no rank is left waiting in a collective.
+* ``DecidedSkip``: where a step's skip is decided on the device instead (``optim.base``,
+  ``exchange.StepSkip``: the flag travels inside the messages up), its outcome, read later.
 * ``check_ranks_agree``: exact fingerprints of parameters and rank-identical optimizer state,
   all-gathered and compared with rank 0's; the first differing tensor is named.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -18,6 +22,10 @@ from ..comm.transport import Transport, control_device
 from ..schedule import ScheduleMismatchError, StepKind
 
 NONFINITE_POLICIES = ("error", "skip")
+#: ``DEEPSPEED_CDADAM_STEP_AGREEMENT``: "device" (default): a step's skip is decided on the device where the
+#: kernels allow it (``optim.base._decides_on_device``); "host": every step agrees by a control message
+#: that the host reads (the behaviour everywhere else). Must be the same on every rank.
+STEP_AGREEMENTS = ("device", "host")
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -36,6 +44,51 @@ def nonfinite(g: torch.Tensor) -> torch.Tensor:
         return torch.zeros((), dtype=torch.bool, device=g.device)
     low, high = torch.aminmax(g)
     return ~(torch.isfinite(low) & torch.isfinite(high))
+
+
+def step_agreement() -> str:
+    """``DEEPSPEED_CDADAM_STEP_AGREEMENT`` (default "device"), checked."""
+    value = os.environ.get("DEEPSPEED_CDADAM_STEP_AGREEMENT", "device").strip().lower() or "device"
+    if value not in STEP_AGREEMENTS:
+        raise ValueError(
+            f"DEEPSPEED_CDADAM_STEP_AGREEMENT={value!r} is not allowed: use 'device' (a step's non-finite skip "
+            "decided on the device where the kernels allow it, no host read) or 'host' (a control message read "
+            "by the host every step)."
+        )
+    return value
+
+
+def any_nonfinite(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Whether any of ``grads`` holds a NaN or an inf: a 0-dim bool on their device, not read by the host."""
+    flag = nonfinite(grads[0])
+    for g in grads[1:]:
+        flag = flag | nonfinite(g).to(flag.device)
+    return flag
+
+
+class DecidedSkip:
+    """A step's outcome decided on the device (``exchange.StepSkip``): whether any rank skipped, and
+    whether this rank's gradient was the non-finite one, copied to the host as the step's last work
+    and read later (``read``), so the host never waits for the step it has just queued."""
+
+    def __init__(self, skip: Any, states: list[dict], step: int) -> None:
+        flags = torch.stack([skip.anywhere, skip.mine.to(skip.anywhere.device)])
+        if flags.is_cuda:  # into pinned memory behind the step's work; an event marks when it has landed
+            self._host = torch.empty(2, dtype=torch.bool, pin_memory=True)
+            self._host.copy_(flags, non_blocking=True)
+            self._event: Any = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host, self._event = flags, None
+        self.states = states
+        self.step = step
+
+    def read(self) -> tuple[bool, bool]:
+        """(any rank skipped, this rank's gradient was non-finite): waits for this step's work only."""
+        if self._event is not None:
+            self._event.synchronize()
+        anywhere, mine = (bool(v) for v in self._host.tolist())
+        return anywhere, mine
 
 
 def agree_on_step(

@@ -479,7 +479,7 @@ def test_optimizers_take_the_triton_path(monkeypatch, name):
         calls = []
         for runner in ("run_markov", "run_error_feedback"):
             real = getattr(tx, runner)
-            monkeypatch.setattr(tx, runner, lambda *a, real=real: calls.append(1) or real(*a))
+            monkeypatch.setattr(tx, runner, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
 
         def rank(r, transport):
             p = torch.nn.Parameter(torch.linspace(-1, 1, numel, device=DEVICE))

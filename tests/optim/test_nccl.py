@@ -79,3 +79,48 @@ def test_cpu_gradients_are_refused_with_a_message_on_nccl(nccl_world):
     p.grad = torch.ones(8)
     with pytest.raises(ValueError, match="is on cpu, but the transport TorchDistributedTransport moves tensors on cuda"):
         opt.step()
+
+
+@pytest.mark.parametrize("block_size", [2048, None])
+def test_cdadam_steps_wait_for_nothing_on_cuda(nccl_world, monkeypatch, block_size):
+    """From the second step on (the first agrees on the host) a CD-Adam step on the Triton kernels queues its
+    work and returns: under ``torch.cuda.set_sync_debug_mode("error")`` any synchronizing call raises. The one
+    read per step, of the previous step's outcome (an event of work queued a step ago), is let through. A
+    NaN at step 4 is skipped on the device: the parameters after it are those before it."""
+    from deepspeed_cdadam.optim import safety
+
+    monkeypatch.delenv("DEEPSPEED_CDADAM_STEP_AGREEMENT", raising=False)
+    real_read = safety.DecidedSkip.read
+
+    def read(self):
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return real_read(self)
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+
+    monkeypatch.setattr(safety.DecidedSkip, "read", read)
+    p = torch.nn.Parameter(torch.randn(300_001, generator=torch.Generator().manual_seed(0)).cuda())
+    opt = CDAdam([p], lr=1e-2, weight_decay=0.1, block_size=block_size, transport=TorchDistributedTransport(timeout_s=60),
+                 nonfinite_grads="skip")  # fmt: skip
+    grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(t)).cuda() for t in range(6)]
+    grads[3][5] = float("nan")
+    p.grad = grads[0]
+    opt.step()  # agreed on the host
+    before_nan = None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in range(1, 6):
+            if t == 3:
+                before_nan = p.detach().clone()
+            p.grad = grads[t]
+            opt.step()
+            if t == 3:
+                after_nan = p.detach().clone()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert opt._pending_skip is not None
+    assert torch.equal(after_nan, before_nan)
+    assert opt.completed_steps() == 5 and opt.skipped_steps == 1
+    assert bool(torch.isfinite(p).all())
