@@ -168,6 +168,7 @@ def gpt2_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
         # the row above decides its non-finite skip on the device (the flag inside the messages up, no host
         # read); this one agrees every step on the host (DEEPSPEED_CDADAM_STEP_AGREEMENT=host): what that saves
         "CDAdam (block 2048), host agreement": cdadam_host_agreement,
+        "OneBitAdam (compressed phase, lr 0), host agreement": lambda ps: host_agreement(OneBitAdam(ps, lr=0.0, freeze_step=1)),
     }
     if args.gpt2_methods:  # AdamW always: the ratios are to it
         builders = {k: v for k, v in builders.items() if k.startswith("AdamW") or any(m in k for m in args.gpt2_methods)}
@@ -210,7 +211,11 @@ def cdadam_host_agreement(params, **kwargs) -> CDAdam:
     """CDAdam agreeing on every step with a control message the host reads (``agree_on_step``), as where the
     kernels cannot decide the skip on the device (``DEEPSPEED_CDADAM_STEP_AGREEMENT=host``): its time minus
     the default row's is what the device-decided step saves."""
-    opt = CDAdam(params, lr=1e-4, block_size=2048, **kwargs)
+    return host_agreement(CDAdam(params, lr=1e-4, block_size=2048, **kwargs))
+
+
+def host_agreement(opt):
+    """``opt`` with every step agreed by the host (``DEEPSPEED_CDADAM_STEP_AGREEMENT=host``, for this optimizer only)."""
     opt._decides_on_device = lambda *args, **kw: False
     return opt
 

@@ -590,19 +590,45 @@ class ErrorFeedbackExchange(CompressedExchange):
         StateSpec(SERVER_ERROR, SHARD, PER_RANK, "ebar on this rank's server shard"),
     )
 
-    def exchange(self, x: torch.Tensor, state: dict, *, step: int, group: int = 0) -> torch.Tensor:
+    SUPPORTS_DEVICE_SKIP = True
+
+    def decides_skip_on_device(self, x: torch.Tensor, state: dict) -> bool:
+        """Whether a step of ``x`` with ``skip`` runs on the Triton kernels (as ``MarkovExchange``'s)."""
+        return self.device_skip_kernel(x, state[WORKER_ERROR], state[SERVER_ERROR])
+
+    def exchange(
+        self, x: torch.Tensor, state: dict, *, step: int, group: int = 0, skip: StepSkip | None = None
+    ) -> torch.Tensor:
+        """Steps (1)-(3). ``skip`` (``StepSkip``): a rank whose ``skip.mine`` is true sends zero (``p_i``
+        taken as 0) and keeps its ``e_i``; the others' messages count as usual (``ebar`` advances with
+        them); ``skip.anywhere`` gets whether any rank skipped, and the caller keeps its moments where it
+        did. With ``skip`` the result may be written over ``x`` (the caller's temporary)."""
         e, ebar = state[WORKER_ERROR], state[SERVER_ERROR]
-        fused = self.run_kernel(x, (e, ebar), step=step, group=group)  # kernels.registry
+        fused = self.run_kernel(x, (e, ebar), step=step, group=group, skip=skip)  # kernels.registry
         if fused is not None:
             return fused
         # (1) worker i: p_i = x_i + e_i; c_i = C(p_i) (written into e_i); e_i <- p_i - c_i
         p = x + e
+        kept = None
+        if skip is not None:
+            p.masked_fill_(skip.mine, 0.0)  # a non-finite gradient: a zero message
+            kept = e.clone()  # and the error kept
         send = self.encode_up_into(p, e, step=step, group=group)
         torch.sub(p, e, out=e)
-        del p
+        if kept is not None:
+            torch.where(skip.mine, kept, e, out=e)
+        del p, kept
         # (2) server: q = mean_i c_i + ebar (summed into the received mean); ctil = C(q) (written into ebar);
         # ebar <- q - ctil
-        q = self.receive_up(send, x.dtype, step=step, group=group)
+        if skip is None:
+            q = self.receive_up(send, x.dtype, step=step, group=group)
+        else:
+            n = self.layout.world_size
+            mark_skipped(send.view(n, -1), skip.mine, self.layout, x.dtype)
+            recv = self.transport.all_to_all(send)
+            self._count(_UP, send.numel(), self._wire_nbytes(x.dtype))
+            skip.record(skipped_anywhere(recv.view(n, -1), self.layout, x.dtype))
+            q = self.mean_up(recv, x.dtype, step=step, group=group)
         q += ebar
         out = self._out if self._out is not None and self._out.shape == x.shape and self._out.dtype == x.dtype else None
         if out is None or out.device != x.device:

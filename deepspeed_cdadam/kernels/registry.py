@@ -27,7 +27,8 @@ A ``KernelImpl``:
 * ``prepare(ex, x, state, step, group) -> commit`` (optional): the step's collectives with no state
   changed, and ``commit(state)`` applying the state changes (``MarkovExchange.prepare``, overlap).
 * ``device_skip``: ``run`` also takes ``skip=exchange.StepSkip`` (a non-finite step decided on the
-  device: the Triton Markov step); with a ``skip``, an exchange runs its eager lines where this is False.
+  device: the Triton Markov and error-feedback steps); with a ``skip``, an exchange runs its eager lines
+  where this is False.
 
 The Triton entries are called through ``triton_exchange``'s module attributes (``applies``,
 ``run_markov``, ``run_error_feedback``), so the tests' patches of that module take effect.
@@ -91,8 +92,10 @@ def _triton_markov(ex, x, state, step, group, skip=None):
     return triton_exchange.run_markov(ex, x, *state, skip=skip)
 
 
-def _triton_error_feedback(ex, x, state, step, group):
-    return triton_exchange.run_error_feedback(ex, x, *state)
+def _triton_error_feedback(ex, x, state, step, group, skip=None):
+    if skip is None:
+        return triton_exchange.run_error_feedback(ex, x, *state)
+    return triton_exchange.run_error_feedback(ex, x, *state, skip=skip)
 
 
 def _triton_failure() -> str | None:
@@ -125,7 +128,7 @@ _CPU_ERROR_FEEDBACK = KernelImpl(
     cpu_exchange.error_feedback_applies, _cpu_error_feedback, ready=cpu_exchange.contiguous, **_CPU
 )
 _TRITON_MARKOV = KernelImpl(_triton_applies, _triton_markov, device_skip=True, **_TRITON)
-_TRITON_ERROR_FEEDBACK = KernelImpl(_triton_applies, _triton_error_feedback, **_TRITON)
+_TRITON_ERROR_FEEDBACK = KernelImpl(_triton_applies, _triton_error_feedback, device_skip=True, **_TRITON)
 
 #: Fused kernels by (exchange scheme, compressor name, device type).
 KERNELS: dict[tuple[str, str, str], KernelImpl] = {

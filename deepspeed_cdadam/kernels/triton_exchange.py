@@ -542,10 +542,14 @@ def ef_worker_step(
     norm: str = "l2",
     scope: str = "block",
     tile: int | None = None,
+    skip: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Error feedback, worker side: ``p = x + e``; returns the wire messages of ``C(p)``; ``e = p - C(p)`` in place."""
+    """Error feedback, worker side: ``p = x + e``; returns the wire messages of ``C(p)``; ``e = p - C(p)`` in place.
+    ``skip`` (as ``markov_worker_step``'s): where true, ``p`` is taken as zero (zero scales) and ``e`` is kept."""
     _check_vectors("ef_worker_step", layout.numel, x, e)
-    return _encode(_kernels().MODE_EF, x, e, layout, None, wire_width, norm, scope, tile)
+    if skip is not None:
+        skip = _check_flag("ef_worker_step", skip, x.device)
+    return _encode(_kernels().MODE_EF, x, e, layout, None, wire_width, norm, scope, tile, skip)
 
 
 def ef_server_step(
@@ -653,22 +657,29 @@ def run_markov(
     return gtil
 
 
-def run_error_feedback(ex: CompressedExchange, x: torch.Tensor, e: torch.Tensor, ebar: torch.Tensor) -> torch.Tensor:
-    """``ErrorFeedbackExchange`` steps (1)-(3) on the kernels; returns ``ctil`` (decoded from the gathered bytes)."""
-    from ..exchange import _DOWN, _UP
+def run_error_feedback(
+    ex: CompressedExchange, x: torch.Tensor, e: torch.Tensor, ebar: torch.Tensor, skip: StepSkip | None = None
+) -> torch.Tensor:
+    """``ErrorFeedbackExchange`` steps (1)-(3) on the kernels; returns ``ctil`` (decoded from the gathered bytes).
+    ``skip``: as ``ErrorFeedbackExchange.exchange``'s (then ``ctil`` is written over ``x``, the caller's temporary)."""
+    from ..exchange import _DOWN, _UP, mark_skipped, skipped_anywhere
 
     lay, n, me = ex.layout, ex.layout.world_size, ex.rank
     norm, width = _norm(ex), ex._wire_nbytes(x.dtype)
     # (1) p_i = x_i + e_i; c_i = C(p_i) into the wire messages; e_i = p_i - c_i
-    send = ef_worker_step(x, e, lay, width, norm=norm, scope=ex.worker_scale_scope)
+    send = ef_worker_step(x, e, lay, width, norm=norm, scope=ex.worker_scale_scope, skip=None if skip is None else skip.mine)
+    if skip is not None:
+        mark_skipped(send.view(n, -1), skip.mine, lay, x.dtype)
     recv = ex.transport.all_to_all(send).view(n, -1)
     ex._count(_UP, send.numel(), width)
+    if skip is not None:
+        skip.record(skipped_anywhere(recv, lay, x.dtype))
     # (2) q = mean_i c_i + ebar; ctil = C(q); ebar = q - ctil
     wire = ef_server_step(recv, ebar, lay, me, width, norm=norm)
     down = ex.transport.all_gather(wire).view(n, -1)
     ex._count(_DOWN, wire.numel(), width)
     # (3) ctil, every shard decoded from the gathered bytes
-    out = torch.empty_like(x)
+    out = torch.empty_like(x) if skip is None else x
     decode_shards(down, out, lay, accumulate=False)
     return out
 

@@ -121,8 +121,9 @@ def _tile(
 def _values(a_ptr, b_ptr, idx, mask, skip_ptr, MODE: tl.constexpr, SKIP: tl.constexpr):
     """``p`` (the vector being compressed) and ``b`` (the state, where the mode has one).
 
-    ``SKIP`` (the worker's Markov step only): ``p = 0`` where the byte at ``skip_ptr`` is nonzero (this
-    rank's gradient is not finite), so the message carries zero scales and ``b`` stays as it was."""
+    ``SKIP`` (the workers' steps only): ``p = 0`` where the byte at ``skip_ptr`` is nonzero (this rank's
+    gradient is not finite), so the message carries zero scales; ``b`` keeps its value (Markov: ``b + 0``;
+    error feedback: ``encode_kernel`` does not store it)."""
     a = tl.load(a_ptr + idx, mask=mask, other=0.0)
     if MODE == 1 or MODE == 2 or MODE == 3:
         b = tl.load(b_ptr + idx, mask=mask, other=0.0)
@@ -224,10 +225,14 @@ def encode_kernel(
         s = scale[:, None, None]
         c = tl.where(pos, s, -s)
         if MODE == 2:
-            new = b + c
+            new = b + c  # (with SKIP set: c = +-0, b keeps its value)
+            tl.store(b_ptr + idx, new, mask=mask)
         else:
             new = p - c
-        tl.store(b_ptr + idx, new, mask=mask)
+            if SKIP:  # error feedback: a skipping worker keeps its error (the flag as a vector: a broadcast load)
+                tl.store(b_ptr + idx, new, mask=mask & (tl.load(skip_ptr + idx * 0, mask=mask, other=0) == 0))
+            else:
+                tl.store(b_ptr + idx, new, mask=mask)
 
 
 @triton.jit

@@ -602,15 +602,16 @@ class CompressedOptimizer(torch.optim.Optimizer):
     #: The last step's outcome where it was decided on the device, not yet read (``synchronize``).
     _pending_skip: DecidedSkip | None = None
 
-    def update_decides_on_device(self, bucket: Bucket, grad: torch.Tensor, state: dict[str, Any]) -> bool:
-        """Whether the optimizer's update of ``bucket`` skips on the device (a ``DEVICE_SKIP`` optimizer's kernels)."""
+    def update_decides_on_device(self, bucket: Bucket, grad: torch.Tensor, state: dict[str, Any], kind: StepKind) -> bool:
+        """Whether the optimizer's update of ``bucket`` in a ``kind`` step skips on the device (a ``DEVICE_SKIP``
+        optimizer's kernels or device scalars)."""
         return False
 
     def _decides_on_device(self, buckets: list[Bucket], grads: list[torch.Tensor], planned: StepKind) -> bool:
         """Whether this step's skip is decided on the device, with no control message and no host read.
 
-        Where every bucket's exchange and update run on kernels that take the flag (CD-Adam on CUDA with
-        the Triton kernels), with no ``overlap``, after a synchronous agreement on the same plan (the
+        Where every bucket's exchange and update run on kernels that take the flag (CD-Adam, and 1-bit
+        Adam's compressed phase, on CUDA with the Triton kernels), with no ``overlap``, after a synchronous agreement on the same plan (the
         first step, the first after a load and the first of a new kind of step agree synchronously), and
         unless ``DEEPSPEED_CDADAM_STEP_AGREEMENT=host``. Every condition is the same on every rank
         (configuration, agreed plan, agreed kernel availability, buffer layouts), so all ranks choose alike.
@@ -624,7 +625,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
             exchange = self._exchanges.get((bucket.index, self.exchange_name))
             if not state or exchange is None or not exchange.SUPPORTS_DEVICE_SKIP:
                 return False
-            if not (exchange.decides_skip_on_device(grad, state) and self.update_decides_on_device(bucket, grad, state)):
+            if not (exchange.decides_skip_on_device(grad, state) and self.update_decides_on_device(bucket, grad, state, planned)):
                 return False
         return True
 

@@ -192,7 +192,7 @@ class CDAdam(CompressedOptimizer):
     #: the Markov exchange takes the flag, and the update kernel (``kernels.triton_amsgrad``) reads it.
     DEVICE_SKIP = True
 
-    def update_decides_on_device(self, bucket: Bucket, grad: torch.Tensor, state: dict[str, Any]) -> bool:
+    def update_decides_on_device(self, bucket: Bucket, grad: torch.Tensor, state: dict[str, Any], kind: StepKind) -> bool:
         moments = [state[EXP_AVG], state[EXP_AVG_SQ]] + ([state[MAX_EXP_AVG_SQ]] if MAX_EXP_AVG_SQ in state else [])
         return triton_amsgrad.applies(grad, *moments)
 

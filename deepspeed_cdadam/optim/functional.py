@@ -73,12 +73,11 @@ def apply_update_(
     update built as ``direction + wd * x`` first (DeepSpeed OnebitAdam). ``overwrite_direction=True``
     (the caller's own temporary): the second order is computed in ``direction`` itself, with the
     same operations, so no further full-size temporary is made (but ``wd * x`` with weight decay).
-    ``skip`` (0-dim bool on the device; decoupled only): where true, the weight decay factor is 1, and the
-    caller's ``direction`` is zero (``kernels.triton_amsgrad``): the parameters keep their values, and the
-    host reads nothing.
+    ``skip`` (0-dim bool on the device): where true the parameters keep their values, and the host reads
+    nothing: decoupled, the weight decay factor is 1 and the caller's ``direction`` must be zero
+    (``kernels.triton_amsgrad`` writes it so); otherwise the update is multiplied by 0 instead of ``-lr``
+    (the caller's ``direction`` must be finite).
     """
-    if skip is not None and not decoupled:
-        raise ValueError("apply_update_: skip needs the decoupled update.")
     # a few multi-tensor launches per operation, not one per parameter (GPT-2: ~150); each element sees the
     # same operations as ``p.add_(d, alpha=-lr)`` etc. on its own. Chunks bound the temporaries (``wd * x``,
     # the update, a cast) to what one chunk of parameters needs, as the per-parameter loop bounded them to
@@ -92,17 +91,29 @@ def apply_update_(
                 if weight_decay != 0.0 and skip is None:
                     torch._foreach_mul_(ps, 1 - lr * weight_decay)
                 elif weight_decay != 0.0:  # the factor as a device scalar: 1 on a skipped step
-                    factor = torch.where(skip, 1.0, 1 - lr * weight_decay).to(ps[0].dtype)
-                    torch._foreach_mul_(ps, factor)
+                    torch._foreach_mul_(ps, _device_scalar(1 - lr * weight_decay, skip, 1.0, ps[0].dtype))
                 torch._foreach_add_(ps, _cast(ds_, ps), alpha=-lr)
             elif overwrite_direction:  # the same operations as below, in d
                 if weight_decay > 0.0:
                     torch._foreach_add_(ds_, torch._foreach_mul(ps, weight_decay))
-                torch._foreach_mul_(ds_, -lr)
+                torch._foreach_mul_(ds_, _step_size(-lr, skip, ds_))
                 torch._foreach_add_(ps, _cast(ds_, ps))
             else:  # DeepSpeed OnebitAdam's own operations: update = d + wd * p; p += -lr * update
                 update = torch._foreach_add(ds_, torch._foreach_mul(ps, weight_decay)) if weight_decay > 0.0 else ds_
-                torch._foreach_add_(ps, _cast(torch._foreach_mul(update, -lr), ps))
+                torch._foreach_add_(ps, _cast(torch._foreach_mul(update, _step_size(-lr, skip, update)), ps))
+
+
+def _step_size(value: float, skip: torch.Tensor | None, like: list[torch.Tensor]) -> float | torch.Tensor:
+    """``value``, or with ``skip`` a device scalar that is 0 where the step is skipped (the same product
+    where it is not: a 0-dim tensor of the buffers' dtype multiplies as the Python number does)."""
+    if skip is None or not like:
+        return value
+    return _device_scalar(value, skip, 0.0, like[0].dtype)
+
+
+def _device_scalar(value: float, skip: torch.Tensor, skipped: float, dtype: torch.dtype) -> torch.Tensor:
+    """A 0-dim ``dtype`` tensor on ``skip``'s device: ``value``, or ``skipped`` where ``skip`` is true (no host read)."""
+    return torch.full((), value, dtype=dtype, device=skip.device).masked_fill_(skip, skipped)
 
 
 def _chunks(ps: list[torch.Tensor], ds: list[torch.Tensor], numels: list[int]):

@@ -9,6 +9,7 @@ import torch
 from ..comm.transport import DEFAULT_TIMEOUT_S, Transport
 from ..compressors.base import Compressor
 from ..config import OneBitAdamConfig
+from ..exchange import StepSkip
 from ..types import EXP_AVG, EXP_AVG_SQ, STEP
 from ..schedule import StepKind
 from .base import Bucket, CompressedOptimizer
@@ -119,6 +120,14 @@ class OneBitAdam(CompressedOptimizer):
         state[EXP_AVG_SQ] = zeros.clone()  # v_t (frozen after warm-up)
         self._exchange_for(bucket.index, zeros.numel()).init_state(state, zeros)  # worker_error, server_error
 
+    #: A compressed step's non-finite skip can be decided on the device (``optim.base._step_decided_on_device``):
+    #: the error-feedback exchange takes the flag, the momentum is kept where it is set, and the update is
+    #: scaled by a device scalar that is then 0.
+    DEVICE_SKIP = True
+
+    def update_decides_on_device(self, bucket: Bucket, grad: torch.Tensor, state: dict[str, Any], kind: StepKind) -> bool:
+        return kind == StepKind.COMPRESSED and "non_freeze" not in bucket.key
+
     def bucket_step(
         self,
         bucket: Bucket,
@@ -126,9 +135,13 @@ class OneBitAdam(CompressedOptimizer):
         state: dict[str, Any],
         grad: torch.Tensor,
         kind: StepKind,
+        skip: StepSkip | None = None,
     ) -> None:
         """One exchange for the bucket (of the gradient, or in the compressed phase of the momentum);
-        the moments and the update per segment, with its group's betas, eps, lr and weight decay."""
+        the moments and the update per segment, with its group's betas, eps, lr and weight decay.
+        ``skip`` (a compressed step decided on the device, ``StepSkip``): the local momentum goes into a
+        temporary, the exchanged one replaces ``m`` only where no rank skipped, and the update is scaled
+        by 0 where one did."""
         step = state[STEP]
         m, v = state[EXP_AVG], state[EXP_AVG_SQ]
         non_freeze = "non_freeze" in bucket.key  # every group of the bucket has non_freeze=True
@@ -145,16 +158,30 @@ class OneBitAdam(CompressedOptimizer):
                 sl = seg.slice
                 adam_moments_(mean_grad[sl], m[sl], v[sl], beta1=beta1, beta2=beta2)
         else:
-            for seg in bucket.segments:  # (3) local momentum, variance frozen
-                sl = seg.slice
-                adam_moments_(grad[sl], m[sl], None, beta1=seg.group["betas"][0], beta2=seg.group["betas"][1])
-            # (4)-(6) error-feedback compressed average of the bucket's momentum (one pair of collectives)
             compressed = self._exchange_for(bucket.index, grad.numel())
-            m.copy_(compressed.exchange(m, state, step=step, group=bucket.index))
-            for seg in bucket.segments:
-                mask = seg.group.get("exp_avg_mask")
-                if mask is not None:
-                    m[seg.slice].mul_(segment_mask(self, seg, mask, m))
+            if skip is None:
+                for seg in bucket.segments:  # (3) local momentum, variance frozen
+                    sl = seg.slice
+                    adam_moments_(grad[sl], m[sl], None, beta1=seg.group["betas"][0], beta2=seg.group["betas"][1])
+                # (4)-(6) error-feedback compressed average of the bucket's momentum (one pair of collectives)
+                m.copy_(compressed.exchange(m, state, step=step, group=bucket.index))
+                for seg in bucket.segments:
+                    mask = seg.group.get("exp_avg_mask")
+                    if mask is not None:
+                        m[seg.slice].mul_(segment_mask(self, seg, mask, m))
+            else:  # (3) into a temporary, the same operations (m is kept on a skipped step); (4)-(6) with the flag
+                local = torch.empty_like(m)
+                for seg in bucket.segments:
+                    sl, beta1 = seg.slice, seg.group["betas"][0]
+                    torch.mul(m[sl], beta1, out=local[sl]).add_(grad[sl], alpha=1 - beta1)
+                mean = compressed.exchange(local, state, step=step, group=bucket.index, skip=skip)  # type: ignore[call-arg]
+                for seg in bucket.segments:  # (the plain exchange's own result buffer: ours to scale)
+                    mask = seg.group.get("exp_avg_mask")
+                    if mask is not None:
+                        mean[seg.slice].mul_(segment_mask(self, seg, mask, m))
+                assert skip.anywhere is not None, "the exchange records whether any rank skipped"
+                torch.where(skip.anywhere, m, mean, out=m)
+                del local, mean
         for seg in bucket.segments:
             # (7) x <- x - lr * (m / (sqrt(v) + eps) + wd * x)
             group, sl = seg.group, seg.slice
@@ -166,4 +193,5 @@ class OneBitAdam(CompressedOptimizer):
                 weight_decay=group["weight_decay"],
                 decoupled=False,
                 overwrite_direction=True,  # the direction is this segment's own temporary
+                skip=None if skip is None else skip.anywhere,
             )

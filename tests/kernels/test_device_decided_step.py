@@ -19,14 +19,17 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from deepspeed_cdadam import CDAdam, InProcessWorld
+from deepspeed_cdadam import CDAdam, InProcessWorld, OneBitAdam
 from deepspeed_cdadam.comm.layout import ShardLayout
 from deepspeed_cdadam.compressors import ScaledSignL1
 from deepspeed_cdadam.compressors.sign import ScaledSignL2
 from deepspeed_cdadam.exchange import StepSkip, make_exchange, mark_skipped, skipped_anywhere
 from deepspeed_cdadam.kernels import triton_amsgrad, triton_exchange as tx
 from deepspeed_cdadam.optim import safety
-from deepspeed_cdadam.types import DOWN_MARKOV_STATE, EXP_AVG, EXP_AVG_SQ, MARKOV_STATE, MAX_EXP_AVG_SQ, SERVER_MARKOV_STATE, STEP
+from deepspeed_cdadam.types import (
+    DOWN_MARKOV_STATE, EXP_AVG, EXP_AVG_SQ, MARKOV_STATE, MAX_EXP_AVG_SQ, SERVER_ERROR, SERVER_MARKOV_STATE, STEP,
+    WORKER_ERROR,
+)  # fmt: skip
 
 from .test_triton_exchange import DEVICE, _interpreter, assert_bits_equal
 
@@ -122,6 +125,55 @@ def test_a_skipping_rank_sends_exactly_a_zero_correction(monkeypatch, use_triton
                 torch.testing.assert_close(got[1][key], want[1][key], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("use_triton", [True, False])
+@pytest.mark.parametrize(
+    "layout,compressor",
+    [(ShardLayout(3001, 3, None), ScaledSignL2()), (ShardLayout(2003, 2, 64), ScaledSignL1()),
+     (ShardLayout(1003, 3, 16), ScaledSignL2(worker_scale_scope="tensor"))],
+)  # fmt: skip
+def test_a_skipping_rank_sends_zero_and_keeps_its_error(monkeypatch, use_triton, layout, compressor):
+    """Error feedback: rank 1 skips at the last step. Every rank's result and server error equal those of the
+    plain exchange in which rank 1 sends zero (its ``x_1 = -e_1``, so ``p_1 = 0``), bit for bit; the other
+    ranks' errors too; rank 1 keeps its error as it was."""
+    if not use_triton:
+        monkeypatch.setenv("DEEPSPEED_CDADAM_KERNELS", "eager")
+    world, steps = layout.world_size, 3
+
+    def rank(r, transport):
+        def run(with_skip):
+            ex = make_exchange("error_feedback", transport, layout, compressor)
+            state: dict = {}
+            ex.init_state(state, torch.zeros(layout.numel, device=DEVICE))
+            outs, kept = [], None
+            for t in range(steps):
+                x = _grad(layout.numel, t, r).to(DEVICE)
+                last = t == steps - 1 and r == 1
+                if last:
+                    kept = state[WORKER_ERROR].clone().cpu()
+                    if with_skip:
+                        x[7] = float("nan")
+                    else:
+                        x = -state[WORKER_ERROR]
+                if with_skip:
+                    skip = StepSkip(torch.tensor(last, device=DEVICE))
+                    outs.append(ex.exchange(x.clone(), state, step=t, skip=skip).clone().cpu())
+                    assert bool(skip.anywhere) == (t == steps - 1)
+                else:
+                    outs.append(ex.exchange(x, state, step=t).clone().cpu())
+            return outs, {k: v.clone().cpu() for k, v in state.items()}, kept
+
+        return run(True), run(False)
+
+    for r, (skipped, reference) in enumerate(InProcessWorld(world, device=DEVICE).run(rank)):
+        for a, b in zip(skipped[0], reference[0]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(skipped[1][SERVER_ERROR], reference[1][SERVER_ERROR], rtol=0, atol=0)
+        if r == 1:
+            assert_bits_equal(skipped[1][WORKER_ERROR], skipped[2])
+        else:
+            torch.testing.assert_close(skipped[1][WORKER_ERROR], reference[1][WORKER_ERROR], rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------------
 # the update kernel
 
@@ -169,13 +221,21 @@ def test_update_kernel_refuses_what_it_cannot_take():
 NUMEL, WORLD = 3001, 2
 
 
-def _train(monkeypatch, *, agreement="device", nan_at=None, policy="skip", steps=5, weight_decay=0.1, bias_correction=False):
+def _build(name, p, transport, policy, weight_decay=0.1, bias_correction=False):
+    if name == "cdadam":
+        return CDAdam([p], lr=1e-2, block_size=64, weight_decay=weight_decay, transport=transport,
+                      nonfinite_grads=policy, bias_correction=bias_correction)  # fmt: skip
+    # 1-bit Adam: warm-up steps 1-2 agree on the host, and so does step 3 (a new kind of step)
+    return OneBitAdam([p], lr=1e-2, freeze_step=2, weight_decay=weight_decay, transport=transport,
+                      nonfinite_grads=policy)  # fmt: skip
+
+
+def _train(monkeypatch, name="cdadam", *, agreement="device", nan_at=None, policy="skip", steps=5, **kwargs):
     monkeypatch.setenv("DEEPSPEED_CDADAM_STEP_AGREEMENT", agreement)
 
     def rank(r, transport):
         p = torch.nn.Parameter(torch.linspace(-1, 1, NUMEL, device=DEVICE))
-        opt = CDAdam([p], lr=1e-2, block_size=64, weight_decay=weight_decay, transport=transport,
-                     nonfinite_grads=policy, bias_correction=bias_correction)  # fmt: skip
+        opt = _build(name, p, transport, policy, **kwargs)
         history = []
         for t in range(steps):
             grad = _grad(NUMEL, t, r)
@@ -197,35 +257,44 @@ def _train(monkeypatch, *, agreement="device", nan_at=None, policy="skip", steps
     return InProcessWorld(WORLD, device=DEVICE).run(rank)
 
 
-@pytest.mark.parametrize("bias_correction", [False, True])
-def test_without_a_nan_the_step_equals_the_host_agreed_one(monkeypatch, bias_correction):
-    device = _train(monkeypatch, bias_correction=bias_correction)
-    host = _train(monkeypatch, agreement="host", bias_correction=bias_correction)
+@pytest.mark.parametrize("name,bias_correction", [("cdadam", False), ("cdadam", True), ("onebit", False)])
+def test_without_a_nan_the_step_equals_the_host_agreed_one(monkeypatch, name, bias_correction):
+    """CD-Adam: within a few ulps (its update kernel rounds as the eager lines do, but without FMA); 1-bit
+    Adam: bit for bit (its update is the eager lines, scaled by a device scalar)."""
+    extra = {"bias_correction": bias_correction} if name == "cdadam" else {}
+    device = _train(monkeypatch, name, **extra)
+    host = _train(monkeypatch, name, agreement="host", **extra)
+    keys = (EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, MARKOV_STATE, DOWN_MARKOV_STATE) if name == "cdadam" else (EXP_AVG, WORKER_ERROR, SERVER_ERROR)
+    tol = dict(rtol=1e-5, atol=1e-7) if name == "cdadam" else dict(rtol=0, atol=0)
     for r in range(WORLD):
         (dev_hist, dev_opt), (host_hist, host_opt) = device[r], host[r]
         assert_bits_equal(dev_hist[0][0], host_hist[0][0])  # the first step is agreed by the host in both
         for (p_dev, s_dev), (p_host, s_host) in zip(dev_hist, host_hist):
-            torch.testing.assert_close(p_dev, p_host, rtol=1e-6, atol=1e-7)
-            for key in (EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, MARKOV_STATE, DOWN_MARKOV_STATE):
-                torch.testing.assert_close(s_dev[key], s_host[key], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(p_dev, p_host, **tol)
+            for key in keys:
+                if key in s_host:
+                    torch.testing.assert_close(s_dev[key], s_host[key], **tol)
         assert_bits_equal(dev_hist[-1][0], device[0][0][-1][0])  # the ranks hold the same parameters
         assert dev_opt.completed_steps() == host_opt.completed_steps() == 5
         assert dev_opt.skipped_steps == 0
 
 
-def test_a_skipped_step_changes_no_parameter_or_moment_on_any_rank(monkeypatch):
+@pytest.mark.parametrize("name", ["cdadam", "onebit"])
+def test_a_skipped_step_changes_no_parameter_or_moment_on_any_rank(monkeypatch, name):
     """An inf on rank 1 at step 4 (index 3): parameters and moments after it are those before it, bit for bit,
-    on every rank; rank 1's Markov state stays, rank 0's advances; the skip is counted and the step count put
-    back once read; training goes on with the ranks identical."""
-    out = _train(monkeypatch, nan_at=3, steps=6)
+    on every rank; rank 1's compression state stays, rank 0's advances; the skip is counted and the step count
+    put back once read; training goes on with the ranks identical."""
+    out = _train(monkeypatch, name, nan_at=3, steps=6)
+    moments, own = ((EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ), MARKOV_STATE) if name == "cdadam" else ((EXP_AVG, EXP_AVG_SQ), WORKER_ERROR)
     for r in range(WORLD):
         hist, opt = out[r]
         (p_before, s_before), (p_skip, s_skip) = hist[2], hist[3]
         assert_bits_equal(p_skip, p_before)
-        for key in (EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ):
+        for key in moments:
             assert_bits_equal(s_skip[key], s_before[key])
-        assert torch.equal(s_skip[MARKOV_STATE], s_before[MARKOV_STATE]) == (r == 1)
-        assert not torch.equal(s_skip[DOWN_MARKOV_STATE], s_before[DOWN_MARKOV_STATE])  # gtil follows ghat
+        assert torch.equal(s_skip[own], s_before[own]) == (r == 1)
+        if name == "cdadam":
+            assert not torch.equal(s_skip[DOWN_MARKOV_STATE], s_before[DOWN_MARKOV_STATE])  # gtil follows ghat
         assert not torch.equal(hist[4][0], p_skip)  # the next step trains
         assert opt.skipped_steps == 1 and opt.completed_steps() == 5 and opt.steps_taken == 5
         assert opt.state[opt.param_groups[0]["params"][0]][STEP] == 5
@@ -324,3 +393,29 @@ def test_the_host_reads_nothing_in_a_step_but_the_previous_steps_outcome(monkeyp
     assert guard.reads == []
     assert opt._pending_skip is not None  # the last step's outcome is still unread
     assert opt.completed_steps() == 5 and opt._pending_skip is None
+
+
+def test_a_step_whose_outcome_decides_the_next_plan_is_read_at_once(monkeypatch):
+    """A schedule that changes after 3 completed steps (as 1-bit Adam's freeze step): step 3's outcome decides
+    the plan of step 4, so step 3 reads it before returning (a skip there keeps step 4 in the old plan on every
+    rank); the other device-decided steps leave theirs unread."""
+    from deepspeed_cdadam.schedule import StepKind
+
+    class Scheduled(CDAdam):
+        def planned_step(self):
+            return StepKind.EXACT if self.completed_steps() < 3 else StepKind.COMPRESSED
+
+    monkeypatch.setenv("DEEPSPEED_CDADAM_STEP_AGREEMENT", "device")
+
+    def rank(r, transport):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, NUMEL, device=DEVICE))
+        opt = Scheduled([p], lr=1e-2, block_size=64, transport=transport)
+        unread = []
+        for t in range(5):
+            p.grad = _grad(NUMEL, t, r).to(DEVICE)
+            opt.step()
+            unread.append(opt._pending_skip is not None)
+        return unread
+
+    # step 1 agrees on the host; 2 decided on the device; 3 too, read at once; 4 agrees (a new plan); 5 device
+    assert InProcessWorld(WORLD, device=DEVICE).run(rank) == [[False, True, False, False, True]] * WORLD
