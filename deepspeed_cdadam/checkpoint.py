@@ -117,7 +117,7 @@ def save_rank_state(optimizer: Any, directory: str) -> str:
     """Write this rank's per-rank compression state atomically; returns the file name."""
     tr = optimizer.transport
     os.makedirs(directory, exist_ok=True)
-    optimizer.synchronize()  # the last step's outcome, where it was decided on the device (its counters)
+    optimizer._settle_skip()  # the last step's outcome, where it was decided on the device (its counters; no raise)
     per_rank = keys_with_scope(optimizer.state_specs(), PER_RANK)
     payload = {
         "format": FORMAT_VERSION,

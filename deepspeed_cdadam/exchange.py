@@ -126,26 +126,37 @@ class StepSkip:
         self.anywhere = anywhere if self.anywhere is None else self.anywhere | anywhere
 
 
-def _sign_bytes(messages: torch.Tensor, layout: ShardLayout, dtype: torch.dtype) -> torch.Tensor:
-    """The byte holding the sign bit of the first scale of each message (rows of ``messages``): the
-    scaled-sign wire format is ``[ceil(capacity / 8) bytes of signs | max_blocks scales]``, little endian."""
-    item = torch.empty((), dtype=dtype).element_size()
-    return messages[:, (layout.capacity + 7) // 8 + item - 1]
+def _first_scale(messages: torch.Tensor, layout: ShardLayout, dtype: torch.dtype) -> torch.Tensor:
+    """The bytes of the first scale of each message (rows of ``messages``), little endian: the scaled-sign
+    wire format is ``[ceil(capacity / 8) bytes of signs | max_blocks scales]`` (``max_blocks >= 1``)."""
+    start, item = (layout.capacity + 7) // 8, torch.empty((), dtype=dtype).element_size()
+    return messages[:, start : start + item]
 
 
 def mark_skipped(messages: torch.Tensor, mine: torch.Tensor, layout: ShardLayout, dtype: torch.dtype) -> None:
-    """Set the sign bit of the first scale of each of this rank's messages (rows) where ``mine`` is true.
+    """Where ``mine`` is true, set the sign bit of the first scale of each of this rank's messages (rows).
 
-    A scale is a mean of magnitudes or a root of one, never ``-0.0`` (nor a negative NaN) when computed,
-    so the bit says "skipped" and nothing else; a skipped rank's scales are all zero, so the mark
-    (``-0.0``) decodes to a zero correction as they do."""
-    column = _sign_bytes(messages, layout, dtype)
-    column.bitwise_or_(mine.to(torch.uint8) << 7)
+    A skipping rank's scales are all ``+0.0`` (its vector is taken as zero), so the mark makes that scale
+    exactly ``-0.0``, which decodes to a zero correction as ``+0.0`` does. A computed scale (a mean of
+    magnitudes, or a root of one) is never ``-0.0``, so ``skipped_anywhere`` reads the mark and nothing else."""
+    _first_scale(messages, layout, dtype)[:, -1].bitwise_or_(mine.to(torch.uint8) << 7)
 
 
 def skipped_anywhere(messages: torch.Tensor, layout: ShardLayout, dtype: torch.dtype) -> torch.Tensor:
-    """Whether any of the received messages (rows, one per sender) is marked by ``mark_skipped`` (0-dim bool)."""
-    return (_sign_bytes(messages, layout, dtype) >= 128).any()
+    """Whether any of the received messages (rows, one per sender) is marked by ``mark_skipped`` (0-dim bool):
+    its first scale exactly ``-0.0`` (a NaN of either sign, which a state already broken could give, is not)."""
+    first = _first_scale(messages, layout, dtype)
+    marked = (first[:, -1] == 0x80) & (first[:, :-1] == 0).all(dim=1)
+    return marked.any()
+
+
+def check_skip_supported(exchange: CompressedExchange) -> None:
+    """A ``StepSkip`` travels in the scaled-sign wire format only (``mark_skipped``)."""
+    if not isinstance(exchange.compressor, ScaledSign):
+        raise ValueError(
+            f"A step skip decided on the device needs a scaled-sign compressor (its mark is a scale's sign bit), "
+            f"got {type(exchange.compressor).__name__}: agree on the host (DEEPSPEED_CDADAM_STEP_AGREEMENT=host)."
+        )
 
 
 class PreparedExchange:
@@ -477,7 +488,12 @@ class CompressedExchange(Exchange):
         return impl.run(self, x, state, step, group, skip=skip)
 
     def device_skip_kernel(self, x: torch.Tensor, *state: torch.Tensor) -> bool:
-        """Whether this step runs on a fused kernel that decides a skip on the device (the Triton kernels)."""
+        """Whether this step runs on a fused kernel that decides a skip on the device (the Triton kernels).
+
+        Runs no collective: False until the ranks have agreed on the kernels' availability (in an earlier
+        step's exchange), so that asking, which ranks may do in different places, never pairs collectives."""
+        if self._kernel_everywhere is not True:
+            return False
         impl = self._kernel(x, *state)
         return impl is not None and impl.device_skip
 
@@ -515,6 +531,7 @@ class MarkovExchange(CompressedExchange):
         # (1) worker i: c_i = C(g_i - h_i), sent to the servers (c_i written over the one temporary g_i - h_i)
         d = x - h
         if skip is not None:
+            check_skip_supported(self)
             d.masked_fill_(skip.mine, 0.0)  # a non-finite gradient: a zero correction
         send = self.encode_up_into(d, d, step=step, group=group)
         # (2) worker i: h_i <- h_i + c_i
@@ -602,7 +619,8 @@ class ErrorFeedbackExchange(CompressedExchange):
         """Steps (1)-(3). ``skip`` (``StepSkip``): a rank whose ``skip.mine`` is true sends zero (``p_i``
         taken as 0) and keeps its ``e_i``; the others' messages count as usual (``ebar`` advances with
         them); ``skip.anywhere`` gets whether any rank skipped, and the caller keeps its moments where it
-        did. With ``skip`` the result may be written over ``x`` (the caller's temporary)."""
+        did. With ``skip`` the Triton path writes the result over ``x``: pass a buffer the caller refills
+        (1-bit Adam's local-momentum temporary; CD-Adam with this scheme, its gradient buffer)."""
         e, ebar = state[WORKER_ERROR], state[SERVER_ERROR]
         fused = self.run_kernel(x, (e, ebar), step=step, group=group, skip=skip)  # kernels.registry
         if fused is not None:
@@ -611,6 +629,7 @@ class ErrorFeedbackExchange(CompressedExchange):
         p = x + e
         kept = None
         if skip is not None:
+            check_skip_supported(self)
             p.masked_fill_(skip.mine, 0.0)  # a non-finite gradient: a zero message
             kept = e.clone()  # and the error kept
         send = self.encode_up_into(p, e, step=step, group=group)

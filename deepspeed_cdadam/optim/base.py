@@ -404,8 +404,8 @@ class CompressedOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim.Optimizer.state_dict`` plus the rank and world size its per-rank state belongs to
-        (after ``synchronize()``: step counts include the last step's skip)."""
-        self.synchronize()
+        (step counts after the last step's outcome is read, as ``synchronize`` but without raising)."""
+        self._settle_skip()
         out = super().state_dict()
         tr = self.transport
         out[RANK_STATE_TAG] = {
@@ -461,9 +461,10 @@ class CompressedOptimizer(torch.optim.Optimizer):
         (moments, compression state, master weights) stay in ``buffer_dtype`` (fp32 for fp16/bf16).
         """
         state_dict = self._drop_foreign_rank_state(state_dict)
-        self._pending_skip = None  # the last step's decision concerns the state being replaced
-        self._agreed_plan = None  # the next step agrees synchronously again
+        self._settle_skip()  # the last step's outcome, counted (its error, if any, goes with the state replaced)
+        self._nonfinite_error = None
         super().load_state_dict({k: v for k, v in state_dict.items() if k != RANK_STATE_TAG})
+        self._agreed_plan = None  # the next step agrees on the host again (the loaded plan is checked there)
         self._load_dtypes(state_dict)
         from ..checkpoint import check_bucket_layout  # noqa: PLC0415 - checkpoint imports nothing of ours
 
@@ -616,16 +617,16 @@ class CompressedOptimizer(torch.optim.Optimizer):
         unless ``DEEPSPEED_CDADAM_STEP_AGREEMENT=host``. Every condition is the same on every rank
         (configuration, agreed plan, agreed kernel availability, buffer layouts), so all ranks choose alike.
         """
-        if not (self.DEVICE_SKIP and self._overlap is None and planned == self._agreed_plan):
+        if not (self.DEVICE_SKIP and buckets and self._overlap is None and planned == self._agreed_plan):
             return False
         if step_agreement() != "device":
             return False
         for bucket, grad in zip(buckets, grads):
             state = self.bucket_state(bucket)
-            exchange = self._exchanges.get((bucket.index, self.exchange_name))
-            if not state or exchange is None or not exchange.SUPPORTS_DEVICE_SKIP:
+            if not state or not self.update_decides_on_device(bucket, grad, state, planned):
                 return False
-            if not (exchange.decides_skip_on_device(grad, state) and self.update_decides_on_device(bucket, grad, state, planned)):
+            exchange = self._exchanges.get((bucket.index, self.exchange_name))
+            if exchange is None or not exchange.SUPPORTS_DEVICE_SKIP or not exchange.decides_skip_on_device(grad, state):
                 return False
         return True
 
@@ -672,15 +673,25 @@ class CompressedOptimizer(torch.optim.Optimizer):
                 state[STEP] += 1
         return ahead != behind
 
+    #: ``nonfinite_grads="error"``: the error of a step decided on the device, read but not yet raised.
+    _nonfinite_error: str | None = None
+
     def synchronize(self) -> None:
-        """Read the outcome of the last step where it was decided on the device: on a skip, put its
-        step counts back, then raise ``FloatingPointError`` (``nonfinite_grads="error"``) or count it in
-        ``skipped_steps``, on every rank alike. Waits for that step's device work only (not for work
-        queued after it). ``step()``, ``state_dict()`` and ``completed_steps()`` call it."""
-        if self._pending_skip is not None and self.__dict__.get("_buckets_in_step") is None:
-            self._settle_skip()
+        """Read the outcome of the last step where it was decided on the device: on a skip, put its step
+        counts back and count it in ``skipped_steps`` (``nonfinite_grads="skip"``), or raise
+        ``FloatingPointError`` (``"error"``); call it on every rank alike. Waits for that step's device work
+        only, not for work queued after it. ``step()`` calls it first, so every rank raises there, at the
+        call after the step; ``state_dict()``, ``completed_steps()`` and ``checkpoint.save_rank_state`` read
+        the outcome (the counters) without raising, as a rank may call them alone (saving on rank 0)."""
+        if self.__dict__.get("_buckets_in_step") is not None:
+            return
+        self._settle_skip()
+        error, self._nonfinite_error = self._nonfinite_error, None
+        if error is not None:
+            raise FloatingPointError(error)
 
     def _settle_skip(self) -> None:
+        """Read the pending outcome and put the counters right; an error waits for ``synchronize`` to raise it."""
         pending, self._pending_skip = self._pending_skip, None
         if pending is None:
             return
@@ -695,7 +706,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
             self.skipped_steps += 1
             logger.warning("Non-finite gradient on some rank (%s) at step %d: skipped on every rank.", here, pending.step)
             return
-        raise FloatingPointError(
+        self._nonfinite_error = (
             f"Non-finite gradient (NaN or inf) on some rank ({here}) at step {pending.step}, read after it ran (its "
             "skip was decided on the device). No parameter, moment or weight decay changed on any rank and step "
             "counts were put back; the ranks with finite gradients advanced their compression state (the others "
@@ -714,8 +725,9 @@ class CompressedOptimizer(torch.optim.Optimizer):
         Reads without creating state: asked before a framework swaps the parameters for its own
         copies (DeepSpeed's fp16 wrapper), an empty entry would be left under a parameter the
         optimizer no longer has, and ``state_dict()`` would fail on it. Outside ``step()`` it reads the
-        last step's outcome first (``synchronize``)."""
-        self.synchronize()
+        last step's outcome first (as ``synchronize``, without raising)."""
+        if self.__dict__.get("_buckets_in_step") is None:
+            self._settle_skip()
         return max((self.state.get(b.params[0], {}).get(STEP, 0) for b in self.buckets()), default=0)
 
     def planned_step(self) -> StepKind:

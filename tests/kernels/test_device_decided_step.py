@@ -65,13 +65,18 @@ def test_the_mark_is_read_from_every_message_and_no_computed_scale_carries_it(la
     for x in (torch.zeros(layout.numel), torch.full((layout.numel,), 1e-30), torch.full((layout.numel,), -1e30), _grad(layout.numel, 0, 0)):
         wire = ex.encode_up(x.to(dtype), step=0, group=0)[0].view(n, -1)
         assert not bool(skipped_anywhere(wire, layout, dtype))
+        start, item = (layout.capacity + 7) // 8, torch.empty((), dtype=dtype).element_size()
         for row in range(n):  # the messages one server receives: one from each rank, any of them marked
             marked = wire.clone()
+            marked[row, start : start + item] = 0  # a skipping rank's scales are +0.0
             mark_skipped(marked[row : row + 1], torch.tensor(True), layout, dtype)
             assert bool(skipped_anywhere(marked, layout, dtype))
             unmarked = wire.clone()
             mark_skipped(unmarked, torch.tensor(False), layout, dtype)
             assert torch.equal(unmarked, wire)
+            broken = wire.clone()  # a NaN scale of either sign (a state already broken) is not a mark
+            broken[row, start : start + item] = torch.tensor([-float("nan")], dtype=dtype).view(torch.uint8)
+            assert not bool(skipped_anywhere(broken, layout, dtype))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,11 +363,13 @@ class _HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_the_host_reads_nothing_in_a_step_but_the_previous_steps_outcome(monkeypatch):
-    """Steps 2-5 (step 1 agrees on the host) under a mode that records every host read of a tensor; the
+@pytest.mark.parametrize("name", ["cdadam", "onebit"])
+def test_the_host_reads_nothing_in_a_step_but_the_previous_steps_outcome(monkeypatch, name):
+    """Steps 3-6 (CD-Adam's step 1 and 1-bit Adam's warm-up step 1 and first compressed step 2 agree on the
+    host) under a mode that records every host read of a tensor; the
     kernels' launches (the CPU interpreter reads its arrays on the host) and the previous step's outcome
-    (``DecidedSkip.read``, of work queued a step ago) are left out. On a GPU, ``test_gpu.py`` runs the same
-    steps under ``torch.cuda.set_sync_debug_mode("error")``."""
+    (``DecidedSkip.read``, of work queued a step ago) are left out. On a GPU, ``tests/optim/test_nccl.py`` runs
+    such steps under ``torch.cuda.set_sync_debug_mode("error")``."""
     monkeypatch.setenv("DEEPSPEED_CDADAM_STEP_AGREEMENT", "device")
     guard = _HostReads()
 
@@ -383,16 +390,20 @@ def test_the_host_reads_nothing_in_a_step_but_the_previous_steps_outcome(monkeyp
     monkeypatch.setattr(transport, "all_to_all", paused(transport.all_to_all))
     monkeypatch.setattr(transport, "all_gather", paused(transport.all_gather))
     p = torch.nn.Parameter(torch.linspace(-1, 1, NUMEL, device=DEVICE))
-    opt = CDAdam([p], lr=1e-2, block_size=64, weight_decay=0.1, transport=transport)
-    p.grad = _grad(NUMEL, 0, 0).to(DEVICE)
-    opt.step()
+    if name == "cdadam":
+        opt = CDAdam([p], lr=1e-2, block_size=64, weight_decay=0.1, transport=transport)
+    else:
+        opt = OneBitAdam([p], lr=1e-2, freeze_step=1, weight_decay=0.1, transport=transport)
+    for t in range(2):
+        p.grad = _grad(NUMEL, t, 0).to(DEVICE)
+        opt.step()
     with guard:
-        for t in range(1, 5):
+        for t in range(2, 6):
             p.grad = _grad(NUMEL, t, 0).to(DEVICE)
             opt.step()
     assert guard.reads == []
     assert opt._pending_skip is not None  # the last step's outcome is still unread
-    assert opt.completed_steps() == 5 and opt._pending_skip is None
+    assert opt.completed_steps() == 6 and opt._pending_skip is None
 
 
 def test_a_step_whose_outcome_decides_the_next_plan_is_read_at_once(monkeypatch):
@@ -419,3 +430,44 @@ def test_a_step_whose_outcome_decides_the_next_plan_is_read_at_once(monkeypatch)
 
     # step 1 agrees on the host; 2 decided on the device; 3 too, read at once; 4 agrees (a new plan); 5 device
     assert InProcessWorld(WORLD, device=DEVICE).run(rank) == [[False, True, False, False, True]] * WORLD
+
+
+def test_reading_the_outcome_outside_step_counts_it_and_the_error_waits_for_the_next_step(monkeypatch):
+    """``nonfinite_grads="error"``: ``state_dict()`` (which rank 0 may call alone, to save) reads the outcome
+    and puts the counters back without raising; the next ``step()`` raises on every rank. A ``load_state_dict``
+    with an outcome unread counts it and drops the error with the state it replaces."""
+    monkeypatch.setenv("DEEPSPEED_CDADAM_STEP_AGREEMENT", "device")
+
+    def rank(r, transport):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, NUMEL, device=DEVICE))
+        opt = CDAdam([p], lr=1e-2, block_size=64, transport=transport, nonfinite_grads="error")
+        for t in range(3):
+            p.grad = _grad(NUMEL, t, r).to(DEVICE)
+            if t == 2 and r == 1:
+                p.grad[0] = float("nan")
+            opt.step()
+        saved = opt.state_dict()["state"][0][STEP] if r == 0 else None  # rank 0 alone: no raise there
+        counts = [opt.completed_steps(), opt.steps_taken]
+        p.grad = _grad(NUMEL, 3, r).to(DEVICE)
+        with pytest.raises(FloatingPointError, match="at step 3"):
+            opt.step()
+        p.grad = _grad(NUMEL, 4, r).to(DEVICE)
+        opt.step()  # raised once: training may go on
+        p.grad = _grad(NUMEL, 5, r).to(DEVICE)
+        p.grad[1] = float("inf")
+        opt.step()  # decided on the device, unread
+        opt.load_state_dict(opt.state_dict())  # reads it (its error goes with the replaced state)
+        p.grad = _grad(NUMEL, 6, r).to(DEVICE)
+        opt.step()
+        return saved, counts, opt.completed_steps()
+
+    assert InProcessWorld(WORLD, device=DEVICE).run(rank) == [(2, [2, 2], 4), (None, [2, 2], 4)]
+
+
+def test_an_optimizer_with_no_trainable_parameter_steps_as_before(monkeypatch):
+    monkeypatch.setenv("DEEPSPEED_CDADAM_STEP_AGREEMENT", "device")
+    p = torch.nn.Parameter(torch.zeros(10, device=DEVICE), requires_grad=False)
+    opt = CDAdam([p], transport=InProcessWorld(1, device=DEVICE).transports[0])
+    for _ in range(3):
+        opt.step()
+    assert opt.completed_steps() == 0 and opt._pending_skip is None

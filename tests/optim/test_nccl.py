@@ -81,12 +81,13 @@ def test_cpu_gradients_are_refused_with_a_message_on_nccl(nccl_world):
         opt.step()
 
 
-@pytest.mark.parametrize("block_size", [2048, None])
-def test_cdadam_steps_wait_for_nothing_on_cuda(nccl_world, monkeypatch, block_size):
-    """From the second step on (the first agrees on the host) a CD-Adam step on the Triton kernels queues its
-    work and returns: under ``torch.cuda.set_sync_debug_mode("error")`` any synchronizing call raises. The one
-    read per step, of the previous step's outcome (an event of work queued a step ago), is let through. A
-    NaN at step 4 is skipped on the device: the parameters after it are those before it."""
+@pytest.mark.parametrize("name,block_size", [("cdadam", 2048), ("cdadam", None), ("onebit", None)])
+def test_steps_wait_for_nothing_on_cuda(nccl_world, monkeypatch, name, block_size):
+    """From CD-Adam's second step (1-bit Adam's third: its warm-up step and its first compressed step agree on
+    the host) a step on the Triton kernels queues its work and returns: under
+    ``torch.cuda.set_sync_debug_mode("error")`` any synchronizing call raises. The one read per step, of the
+    previous step's outcome (an event of work queued a step ago), is let through. A NaN at step 4 is
+    skipped on the device: the parameters after it are those before it."""
     from deepspeed_cdadam.optim import safety
 
     monkeypatch.delenv("DEEPSPEED_CDADAM_STEP_AGREEMENT", raising=False)
@@ -102,16 +103,21 @@ def test_cdadam_steps_wait_for_nothing_on_cuda(nccl_world, monkeypatch, block_si
 
     monkeypatch.setattr(safety.DecidedSkip, "read", read)
     p = torch.nn.Parameter(torch.randn(300_001, generator=torch.Generator().manual_seed(0)).cuda())
-    opt = CDAdam([p], lr=1e-2, weight_decay=0.1, block_size=block_size, transport=TorchDistributedTransport(timeout_s=60),
-                 nonfinite_grads="skip")  # fmt: skip
+    transport = TorchDistributedTransport(timeout_s=60)
+    if name == "cdadam":
+        opt = CDAdam([p], lr=1e-2, weight_decay=0.1, block_size=block_size, transport=transport, nonfinite_grads="skip")
+    else:
+        opt = OneBitAdam([p], lr=1e-2, weight_decay=0.1, freeze_step=1, transport=transport, nonfinite_grads="skip")
     grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(t)).cuda() for t in range(6)]
     grads[3][5] = float("nan")
-    p.grad = grads[0]
-    opt.step()  # agreed on the host
+    agreed = 1 if name == "cdadam" else 2
+    for t in range(agreed):
+        p.grad = grads[t]
+        opt.step()  # agreed on the host
     before_nan = None
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for t in range(1, 6):
+        for t in range(agreed, 6):
             if t == 3:
                 before_nan = p.detach().clone()
             p.grad = grads[t]
