@@ -22,8 +22,19 @@ def check_exp_avg_mask(mask: object, numel: int) -> None:
 
 
 def segment_mask(optimizer: CompressedOptimizer, seg: Segment, mask: object, like: torch.Tensor) -> torch.Tensor:
-    """The entries of the group's ``exp_avg_mask`` for the segment's coordinates (in ``like``'s dtype and device)."""
+    """The entries of the group's ``exp_avg_mask`` for the segment's coordinates (in ``like``'s dtype and device).
+
+    Kept from step to step while the mask, its contents (``_version``, bumped by any in-place edit), the
+    segment's parameters and ``like``'s dtype and device stay the same: a mask held on the CPU is copied to
+    the GPU once, not every step (a copy from pageable memory makes the host wait)."""
     check_exp_avg_mask(mask, optimizer.group_numel(seg.group))  # the group may have been edited since construction
+    key = (id(mask), mask._version, tuple(id(p) for p in seg.params), tuple(seg.group_offsets), like.device, like.dtype)  # type: ignore[union-attr]
+    cache = optimizer.__dict__.setdefault("_segment_masks", {})
+    hit = cache.get(id(seg))
+    if hit is not None and hit[0] == key and hit[1] is mask:
+        return hit[2]
     flat = mask.reshape(-1)  # type: ignore[union-attr]
     parts = [flat[o : o + p.numel()] for o, p in zip(seg.group_offsets, seg.params)]
-    return torch.cat(parts).to(device=like.device, dtype=like.dtype)
+    out = torch.cat(parts).to(device=like.device, dtype=like.dtype)
+    cache[id(seg)] = (key, mask, out)
+    return out

@@ -49,3 +49,26 @@ def test_bad_mask_is_a_clear_error_at_construction():
     msg = r"Invalid exp_avg_mask: must be a tensor with one entry per coordinate of the group \(12\)"
     with pytest.raises(ValueError, match=msg):
         OneBitAdam([{"params": [p], "exp_avg_mask": torch.ones(5)}], transport=InProcessWorld(1).transports[0])
+
+
+def test_a_mask_edited_or_replaced_between_steps_is_used_from_the_next_step():
+    """The mask's device copy is kept from step to step (``masks.segment_mask``), and made again after an
+    in-place edit of the mask or a new mask in the group: the momentum follows the mask of each step."""
+
+    def worker(rank, transport):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 12, dtype=torch.float64))
+        mask = torch.ones(12, dtype=torch.float64)
+        opt = OneBitAdam([{"params": [p], "exp_avg_mask": mask}], lr=1e-2, freeze_step=1, transport=transport)
+        zeros = []
+        for step in range(5):
+            if step == 2:
+                mask[:3] = 0.0  # in place
+            if step == 3:
+                opt.param_groups[0]["exp_avg_mask"] = torch.ones(12, dtype=torch.float64).index_fill_(0, torch.tensor([7]), 0.0)
+            p.grad = torch.randn(12, generator=torch.Generator().manual_seed(10 * step + rank), dtype=torch.float64)
+            opt.step()
+            zeros.append(torch.nonzero(opt.state[p]["exp_avg"] == 0).flatten().tolist())
+        return zeros
+
+    for zeros in InProcessWorld(2).run(worker):
+        assert zeros == [[], [], [0, 1, 2], [7], [7]]
