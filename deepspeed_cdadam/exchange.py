@@ -320,11 +320,20 @@ class CompressedExchange(Exchange):
             wires.append(wire)
         return torch.cat(wires)
 
-    def receive_up(self, send: torch.Tensor, dtype: torch.dtype, *, step: int, group: int) -> torch.Tensor:
+    def receive_up(
+        self, send: torch.Tensor, dtype: torch.dtype, *, step: int, group: int, skip: StepSkip | None = None
+    ) -> torch.Tensor:
         """The ``all_to_all`` of this worker's wire messages (shard after shard); returns ``mean_i C(x_i)`` on
-        this rank's shard, summed in rank order as each message is decoded (``mean_in_rank_order``'s bits)."""
+        this rank's shard, summed in rank order as each message is decoded (``mean_in_rank_order``'s bits).
+        ``skip``: the messages are marked where ``skip.mine`` is set, and ``skip.anywhere`` is recorded from
+        the received ones (``StepSkip``)."""
+        n = self.layout.world_size
+        if skip is not None:
+            mark_skipped(send.view(n, -1), skip.mine, self.layout, dtype)
         recv = self.transport.all_to_all(send)
         self._count(_UP, send.numel(), self._wire_nbytes(dtype))
+        if skip is not None:
+            skip.record(skipped_anywhere(recv.view(n, -1), self.layout, dtype))
         return self.mean_up(recv, dtype, step=step, group=group)
 
     def mean_up(self, recv: torch.Tensor, dtype: torch.dtype, *, step: int, group: int) -> torch.Tensor:
@@ -538,15 +547,7 @@ class MarkovExchange(CompressedExchange):
         h += d
         del d
         # (3) server: ghat <- ghat + mean_i c_i
-        if skip is None:
-            ghat += self.receive_up(send, x.dtype, step=step, group=group)
-        else:
-            n = self.layout.world_size
-            mark_skipped(send.view(n, -1), skip.mine, self.layout, x.dtype)
-            recv = self.transport.all_to_all(send)
-            self._count(_UP, send.numel(), self._wire_nbytes(x.dtype))
-            skip.record(skipped_anywhere(recv.view(n, -1), self.layout, x.dtype))
-            ghat += self.mean_up(recv, x.dtype, step=step, group=group)
+        ghat += self.receive_up(send, x.dtype, step=step, group=group, skip=skip)
         # (4) server: ctil = C(ghat - gtil), sent to every worker (C written over the shard-sized ghat - gtil);
         # (5) worker i: gtil <- gtil + ctil, shard by shard
         v = ghat - gtil[self.server_slice()]
@@ -639,15 +640,7 @@ class ErrorFeedbackExchange(CompressedExchange):
         del p, kept
         # (2) server: q = mean_i c_i + ebar (summed into the received mean); ctil = C(q) (written into ebar);
         # ebar <- q - ctil
-        if skip is None:
-            q = self.receive_up(send, x.dtype, step=step, group=group)
-        else:
-            n = self.layout.world_size
-            mark_skipped(send.view(n, -1), skip.mine, self.layout, x.dtype)
-            recv = self.transport.all_to_all(send)
-            self._count(_UP, send.numel(), self._wire_nbytes(x.dtype))
-            skip.record(skipped_anywhere(recv.view(n, -1), self.layout, x.dtype))
-            q = self.mean_up(recv, x.dtype, step=step, group=group)
+        q = self.receive_up(send, x.dtype, step=step, group=group, skip=skip)
         q += ebar
         out = self._out if self._out is not None and self._out.shape == x.shape and self._out.dtype == x.dtype else None
         if out is None or out.device != x.device:
