@@ -612,9 +612,9 @@ class CompressedOptimizer(torch.optim.Optimizer):
         """Whether this step's skip is decided on the device, with no control message and no host read.
 
         Where every bucket's exchange and update run on kernels that take the flag (CD-Adam, and 1-bit
-        Adam's compressed phase, on CUDA with the Triton kernels), with no ``overlap``, after a synchronous agreement on the same plan (the
-        first step, the first after a load and the first of a new kind of step agree synchronously), and
-        unless ``DEEPSPEED_CDADAM_STEP_AGREEMENT=host``. Every condition is the same on every rank
+        Adam's compressed phase, on CUDA with the Triton kernels), with no ``overlap``, after a synchronous
+        agreement on the same plan (the first step, the first after a load and the first of a new kind of
+        step agree synchronously), and unless ``DEEPSPEED_CDADAM_STEP_AGREEMENT=host``. Every condition is the same on every rank
         (configuration, agreed plan, agreed kernel availability, buffer layouts), so all ranks choose alike.
         """
         if not (self.DEVICE_SKIP and buckets and self._overlap is None and planned == self._agreed_plan):

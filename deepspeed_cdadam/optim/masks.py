@@ -28,7 +28,8 @@ def segment_mask(optimizer: CompressedOptimizer, seg: Segment, mask: object, lik
     segment's parameters and ``like``'s dtype and device stay the same: a mask held on the CPU is copied to
     the GPU once, not every step (a copy from pageable memory makes the host wait)."""
     check_exp_avg_mask(mask, optimizer.group_numel(seg.group))  # the group may have been edited since construction
-    key = (id(mask), mask._version, tuple(id(p) for p in seg.params), tuple(seg.group_offsets), like.device, like.dtype)  # type: ignore[union-attr]
+    version = mask._version  # type: ignore[union-attr]
+    key = (id(mask), version, tuple(id(p) for p in seg.params), tuple(seg.group_offsets), like.device, like.dtype)
     cache = optimizer.__dict__.setdefault("_segment_masks", {})
     hit = cache.get(id(seg))
     if hit is not None and hit[0] == key and hit[1] is mask:
