@@ -27,8 +27,8 @@ from deepspeed_cdadam.exchange import StepSkip, make_exchange, mark_skipped, ski
 from deepspeed_cdadam.kernels import triton_amsgrad, triton_exchange as tx
 from deepspeed_cdadam.optim import safety
 from deepspeed_cdadam.types import (
-    DOWN_MARKOV_STATE, EXP_AVG, EXP_AVG_SQ, MARKOV_STATE, MAX_EXP_AVG_SQ, SERVER_ERROR, SERVER_MARKOV_STATE, STEP,
-    WORKER_ERROR,
+    DOWN_MARKOV_STATE, EXP_AVG, EXP_AVG_SQ, MARKOV_STATE, MASTER_PARAMS, MAX_EXP_AVG_SQ, SERVER_ERROR,
+    SERVER_MARKOV_STATE, STEP, WORKER_ERROR,
 )  # fmt: skip
 
 from .test_triton_exchange import DEVICE, _interpreter, assert_bits_equal
@@ -471,3 +471,47 @@ def test_an_optimizer_with_no_trainable_parameter_steps_as_before(monkeypatch):
     for _ in range(3):
         opt.step()
     assert opt.completed_steps() == 0 and opt._pending_skip is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_bucket_skips_together_and_low_precision_parameters_keep_their_master(monkeypatch, dtype):
+    """Four parameters in three buckets (``bucket_cap_mb``), bf16 parameters on fp32 master copies: an inf in
+    one parameter of rank 1 skips every bucket on every rank (the flag is the OR over all of a rank's
+    gradients, marked in every bucket's messages), and the parameters, masters and moments stay as they
+    were; the steps before and after it are decided on the device."""
+    monkeypatch.setenv("DEEPSPEED_CDADAM_STEP_AGREEMENT", "device")
+    sizes = (3000, 2000, 1000, 500)
+    decided = []
+    real = CDAdam._step_decided_on_device
+    monkeypatch.setattr(CDAdam, "_step_decided_on_device", lambda self, *a: decided.append(1) or real(self, *a))
+
+    def rank(r, transport):
+        params = [torch.nn.Parameter(torch.linspace(-1, 1, n, device=DEVICE).to(dtype)) for n in sizes]
+        opt = CDAdam(params, lr=1e-2, block_size=64, weight_decay=0.1, transport=transport, nonfinite_grads="skip",
+                     bucket_cap_mb=3000 * 4 / 2**20)  # fmt: skip
+        snapshots = []
+        for t in range(4):
+            for i, p in enumerate(params):
+                p.grad = _grad(p.numel(), 10 * t + i, r).to(device=DEVICE, dtype=dtype)
+            if t == 2 and r == 1:
+                params[3].grad[4] = float("inf")
+            opt.step()
+            state = {(b.index, k): v.cpu().clone() for b in opt.buckets() for k, v in opt.bucket_state(b).items() if torch.is_tensor(v)}
+            snapshots.append(([p.detach().cpu().clone() for p in params], state))
+        opt.synchronize()
+        return len(opt.buckets()), snapshots, opt.skipped_steps, opt.completed_steps()
+
+    kept = (EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, MASTER_PARAMS)
+    out = InProcessWorld(WORLD, device=DEVICE).run(rank)
+    for buckets, snapshots, skipped, completed in out:
+        assert buckets == 3 and skipped == 1 and completed == 3
+        (p_before, s_before), (p_skip, s_skip), (p_after, _) = snapshots[1], snapshots[2], snapshots[3]
+        assert all(torch.equal(a, b) for a, b in zip(p_skip, p_before))  # every parameter of every bucket kept
+        assert {k for _, k in s_before} >= ({MASTER_PARAMS} if dtype == torch.bfloat16 else {EXP_AVG})
+        for key, value in s_skip.items():
+            if key[1] in kept:
+                assert torch.equal(value, s_before[key]), key  # moments and masters kept, bit for bit
+        assert not torch.equal(s_skip[0, DOWN_MARKOV_STATE], s_before[0, DOWN_MARKOV_STATE])  # gtil moved
+        assert not any(torch.equal(a, b) for a, b in zip(p_after, p_skip))  # training goes on, in every bucket
+        assert all(torch.equal(a, b) for a, b in zip(p_after, out[0][1][3][0]))  # the ranks agree
+    assert len(decided) == 3 * WORLD  # steps 2-4, on each rank
