@@ -325,16 +325,22 @@ class CompressedExchange(Exchange):
     ) -> torch.Tensor:
         """The ``all_to_all`` of this worker's wire messages (shard after shard); returns ``mean_i C(x_i)`` on
         this rank's shard, summed in rank order as each message is decoded (``mean_in_rank_order``'s bits).
-        ``skip``: the messages are marked where ``skip.mine`` is set, and ``skip.anywhere`` is recorded from
-        the received ones (``StepSkip``)."""
+        ``skip``: as ``all_to_all_up``'s."""
+        return self.mean_up(self.all_to_all_up(send, dtype, skip), dtype, step=step, group=group)
+
+    def all_to_all_up(self, send: torch.Tensor, dtype: torch.dtype, skip: StepSkip | None = None) -> torch.Tensor:
+        """The ``all_to_all`` of this worker's wire messages (shard after shard), counted; returns the received
+        ones, one row per sender. ``skip`` (``StepSkip``): this rank's messages are marked where ``skip.mine``
+        is set, and ``skip.anywhere`` is recorded from the received ones. Every path of the scaled-sign
+        exchanges sends up through here (eager, fused CPU, Triton)."""
         n = self.layout.world_size
         if skip is not None:
             mark_skipped(send.view(n, -1), skip.mine, self.layout, dtype)
-        recv = self.transport.all_to_all(send)
+        recv = self.transport.all_to_all(send).view(n, -1)
         self._count(_UP, send.numel(), self._wire_nbytes(dtype))
         if skip is not None:
-            skip.record(skipped_anywhere(recv.view(n, -1), self.layout, dtype))
-        return self.mean_up(recv, dtype, step=step, group=group)
+            skip.record(skipped_anywhere(recv, self.layout, dtype))
+        return recv
 
     def mean_up(self, recv: torch.Tensor, dtype: torch.dtype, *, step: int, group: int) -> torch.Tensor:
         """``mean_i C(x_i)`` on this rank's shard from the received messages ``recv`` (sender after sender)."""
@@ -571,8 +577,7 @@ class MarkovExchange(CompressedExchange):
         d = x - h
         send = self.encode_up_into(d, d, step=step, group=group)
         del d
-        recv_up = self.transport.all_to_all(send)
-        self._count(_UP, send.numel(), self._wire_nbytes(dtype))
+        recv_up = self.all_to_all_up(send, dtype)
         # (3)-(4) with ghat + mean_i c_i in a temporary: ctil = C(ghat' - gtil), sent down
         v = ghat + self.mean_up(recv_up, dtype, step=step, group=group)
         v -= gtil[self.server_slice()]

@@ -54,13 +54,12 @@ def run_markov(
     ex: CompressedExchange, x: torch.Tensor, h: torch.Tensor, ghat: torch.Tensor, gtil: torch.Tensor
 ) -> torch.Tensor:
     """Steps (1)-(5) with the fused CPU kernels: the same collectives, the same bits as the eager lines."""
-    from ..exchange import _DOWN, _UP
+    from ..exchange import _DOWN
 
     lay, n, me, width = ex.layout, ex.layout.world_size, ex.rank, ex._wire_nbytes(x.dtype)
     # (1) + (2): c_i = C(g_i - h_i) straight into the wire messages; h_i += c_i
     send = kernels.markov_worker_step(x, h, lay, width, out=ex._kernel_buffer("up", n * width))
-    recv = ex.transport.all_to_all(send).view(n, -1)
-    ex._count(_UP, send.numel(), width)
+    recv = ex.all_to_all_up(send, x.dtype)
     # (3) ghat += mean_i c_i (decoded and averaged in rank order); (4) ctil = C(ghat - gtil) for this
     # rank's shard, gathered by every worker; and (5) for this shard: gtil += ctil, in one pass
     wire = kernels.markov_server_step(
@@ -82,15 +81,14 @@ def prepare_markov(ex: CompressedExchange, x: torch.Tensor, h: torch.Tensor, gha
     again on the state itself at commit (the same inputs, so the same bits); ``h += c`` is the kept
     messages decoded into ``h``, the down messages are decoded into ``gtil`` as in ``run_markov``.
     """
-    from ..exchange import _DOWN, _UP
+    from ..exchange import _DOWN
 
     lay, n, me, width = ex.layout, ex.layout.world_size, ex.rank, ex._wire_nbytes(x.dtype)
     mine = lay.shard_slice(me)
     send = kernels._encode_shards(  # (1) c_i = C(g_i - h_i), h_i unchanged
         x, h, lay.shard_offsets, lay.shard_sizes, lay, width, update=False, out=ex._kernel_buffer("up", n * width)
     )
-    recv = ex.transport.all_to_all(send).view(n, -1)
-    ex._count(_UP, send.numel(), width)
+    recv = ex.all_to_all_up(send, x.dtype)
     wire = kernels.markov_server_step(recv, ghat.clone(), gtil[mine].clone(), lay, me, width)  # (3)-(4) on copies
     down = ex.transport.all_gather(wire).view(n, -1)
     ex._count(_DOWN, wire.numel(), width)
@@ -129,15 +127,14 @@ def run_error_feedback(ex: CompressedExchange, x: torch.Tensor, e: torch.Tensor,
     """Steps (1)-(3) with the fused CPU kernels: the same collectives, the same bits as the eager lines.
 
     The result is the exchange's own buffer (``ex._out``), overwritten by its next call."""
-    from ..exchange import _DOWN, _UP, tensor_scale
+    from ..exchange import _DOWN, tensor_scale
 
     lay, n, me, width = ex.layout, ex.layout.world_size, ex.rank, ex._wire_nbytes(x.dtype)
     norm = 1 if type(ex.compressor) is ScaledSignL1 else 2
     one_block = kernels.scale_mode(lay) == "shard"  # each shard one block: its scale is torch's norm
     # (1) worker i: p_i = x_i + e_i; c_i = C(p_i); e_i <- p_i - c_i
     send = error_feedback_encode_up(ex, x, e)
-    recv = ex.transport.all_to_all(send).view(n, -1)
-    ex._count(_UP, send.numel(), width)
+    recv = ex.all_to_all_up(send, x.dtype)
     # (2) server: q = mean_i c_i + ebar (decoded in rank order, into ebar); ctil = C(q); ebar <- q - ctil
     down = ex._kernel_buffer("down", width)
     if one_block:

@@ -87,14 +87,10 @@ def _triton_applies(ex: CompressedExchange, x: torch.Tensor, *state: torch.Tenso
 
 
 def _triton_markov(ex, x, state, step, group, skip=None):
-    if skip is None:
-        return triton_exchange.run_markov(ex, x, *state)
     return triton_exchange.run_markov(ex, x, *state, skip=skip)
 
 
 def _triton_error_feedback(ex, x, state, step, group, skip=None):
-    if skip is None:
-        return triton_exchange.run_error_feedback(ex, x, *state)
     return triton_exchange.run_error_feedback(ex, x, *state, skip=skip)
 
 

@@ -632,7 +632,7 @@ def run_markov(
 ) -> torch.Tensor:
     """``MarkovExchange`` steps (1)-(5) on the kernels: the same collectives and wire format as the eager path.
     ``skip``: as ``MarkovExchange.exchange``'s (a non-finite gradient sends a zero, marked correction)."""
-    from ..exchange import _DOWN, _UP, mark_skipped, skipped_anywhere
+    from ..exchange import _DOWN
 
     lay, n, me = ex.layout, ex.layout.world_size, ex.rank
     norm, width = _norm(ex), ex._wire_nbytes(x.dtype)
@@ -640,12 +640,7 @@ def run_markov(
     send = markov_worker_step(
         x, h, lay, width, norm=norm, scope=ex.worker_scale_scope, skip=None if skip is None else skip.mine
     )
-    if skip is not None:
-        mark_skipped(send.view(n, -1), skip.mine, lay, x.dtype)
-    recv = ex.transport.all_to_all(send).view(n, -1)
-    ex._count(_UP, send.numel(), width)
-    if skip is not None:
-        skip.record(skipped_anywhere(recv, lay, x.dtype))
+    recv = ex.all_to_all_up(send, x.dtype, skip)
     # (3) ghat += mean_i c_i (decoded and averaged in rank order)
     decode_mean_add(recv, ghat, lay, me)
     # (4) ctil = C(ghat - gtil) for this rank's shard, gathered by every worker
@@ -662,18 +657,13 @@ def run_error_feedback(
 ) -> torch.Tensor:
     """``ErrorFeedbackExchange`` steps (1)-(3) on the kernels; returns ``ctil`` (decoded from the gathered bytes).
     ``skip``: as ``ErrorFeedbackExchange.exchange``'s (then ``ctil`` is written over ``x``, the caller's temporary)."""
-    from ..exchange import _DOWN, _UP, mark_skipped, skipped_anywhere
+    from ..exchange import _DOWN
 
     lay, n, me = ex.layout, ex.layout.world_size, ex.rank
     norm, width = _norm(ex), ex._wire_nbytes(x.dtype)
     # (1) p_i = x_i + e_i; c_i = C(p_i) into the wire messages; e_i = p_i - c_i
     send = ef_worker_step(x, e, lay, width, norm=norm, scope=ex.worker_scale_scope, skip=None if skip is None else skip.mine)
-    if skip is not None:
-        mark_skipped(send.view(n, -1), skip.mine, lay, x.dtype)
-    recv = ex.transport.all_to_all(send).view(n, -1)
-    ex._count(_UP, send.numel(), width)
-    if skip is not None:
-        skip.record(skipped_anywhere(recv, lay, x.dtype))
+    recv = ex.all_to_all_up(send, x.dtype, skip)
     # (2) q = mean_i c_i + ebar; ctil = C(q); ebar = q - ctil
     wire = ef_server_step(recv, ebar, lay, me, width, norm=norm)
     down = ex.transport.all_gather(wire).view(n, -1)

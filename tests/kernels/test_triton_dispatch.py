@@ -32,7 +32,7 @@ def on_cuda(monkeypatch):
     monkeypatch.delenv("DEEPSPEED_CDADAM_KERNELS", raising=False)
     calls = []
     for name in RUNNERS.values():
-        monkeypatch.setattr(tx, name, lambda ex, x, *state, name=name: calls.append(name) or x)
+        monkeypatch.setattr(tx, name, lambda ex, x, *state, name=name, **kw: calls.append(name) or x)
     return calls
 
 
@@ -84,7 +84,7 @@ def test_half_precision_and_strided_buffers_stay_eager(on_cuda):
 def test_cpu_buffers_keep_the_cpu_logic(monkeypatch, scheme):
     monkeypatch.setattr(tx, "import_failure", lambda: None)
     called = []
-    monkeypatch.setattr(tx, RUNNERS[scheme], lambda *a: called.append(1))
+    monkeypatch.setattr(tx, RUNNERS[scheme], lambda *a, **k: called.append(1))
     ex, state = _exchange(scheme)
     ex.exchange(torch.randn(4096), state, step=1)
     assert called == []
@@ -96,7 +96,7 @@ def test_without_triton_the_eager_path_runs(monkeypatch, caplog, scheme):
     monkeypatch.setattr(tx, "_on_gpu", lambda t: True)
     monkeypatch.setattr(tx, "import_failure", lambda: "ImportError: No module named 'triton'")
     monkeypatch.setattr(tx, "_warned", False)
-    monkeypatch.setattr(tx, RUNNERS[scheme], lambda *a: pytest.fail("the Triton path ran without triton"))
+    monkeypatch.setattr(tx, RUNNERS[scheme], lambda *a, **k: pytest.fail("the Triton path ran without triton"))
     monkeypatch.delenv("DEEPSPEED_CDADAM_KERNELS", raising=False)
     x = torch.randn(4096, generator=torch.Generator().manual_seed(0))
     ex, state = _exchange(scheme)
@@ -135,7 +135,7 @@ def test_triton_missing_on_one_rank_keeps_every_rank_on_one_path(monkeypatch, mo
     local = threading.local()
     monkeypatch.setattr(tx, "_on_gpu", lambda t: True)
     monkeypatch.setattr(tx, "import_failure", lambda: None if local.rank == 0 else "ImportError: no triton here")
-    monkeypatch.setattr(tx, "run_markov", lambda *a: pytest.fail("a rank ran the Triton kernels"))
+    monkeypatch.setattr(tx, "run_markov", lambda *a, **k: pytest.fail("a rank ran the Triton kernels"))
     monkeypatch.setenv("DEEPSPEED_CDADAM_KERNELS", mode)
     layout = ShardLayout(4096, 2, 8)
 

@@ -407,7 +407,7 @@ def _run(scheme, norm, scope, layout, steps, use_triton, monkeypatch):
     calls = []
     name = {"markov": "run_markov", "error_feedback": "run_error_feedback"}[scheme]
     real = getattr(tx, name)
-    monkeypatch.setattr(tx, name, lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(tx, name, lambda *a, **k: calls.append(1) or real(*a, **k))
 
     def rank(r, transport):
         ex = make_exchange(scheme, transport, layout, COMPRESSORS[norm](worker_scale_scope=scope))
