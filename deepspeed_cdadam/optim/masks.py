@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .base import CompressedOptimizer, Segment
+    from .base import Bucket, CompressedOptimizer, Segment
 
 
 def check_exp_avg_mask(mask: object, numel: int) -> None:
@@ -39,3 +39,12 @@ def segment_mask(optimizer: CompressedOptimizer, seg: Segment, mask: object, lik
     out = torch.cat(parts).to(device=like.device, dtype=like.dtype)
     cache[id(seg)] = (key, mask, out)
     return out
+
+
+def apply_exp_avg_masks(optimizer: CompressedOptimizer, bucket: Bucket, out: torch.Tensor) -> None:
+    """``out[segment] *= mask`` for each segment of ``bucket`` whose group has an ``exp_avg_mask``
+    (``out``: a flat buffer of the bucket, the momentum after its 1-bit exchange)."""
+    for seg in bucket.segments:
+        mask = seg.group.get("exp_avg_mask")
+        if mask is not None:
+            out[seg.slice].mul_(segment_mask(optimizer, seg, mask, out))

@@ -13,7 +13,7 @@ from ..exchange import StepSkip
 from ..types import EXP_AVG, EXP_AVG_SQ, STEP
 from ..schedule import StepKind
 from .base import Bucket, CompressedOptimizer
-from .masks import check_exp_avg_mask, segment_mask
+from .masks import apply_exp_avg_masks, check_exp_avg_mask
 from .functional import adam_moments_, apply_update_, onebit_adam_direction
 
 
@@ -165,20 +165,14 @@ class OneBitAdam(CompressedOptimizer):
                     adam_moments_(grad[sl], m[sl], None, beta1=seg.group["betas"][0], beta2=seg.group["betas"][1])
                 # (4)-(6) error-feedback compressed average of the bucket's momentum (one pair of collectives)
                 m.copy_(compressed.exchange(m, state, step=step, group=bucket.index))
-                for seg in bucket.segments:
-                    mask = seg.group.get("exp_avg_mask")
-                    if mask is not None:
-                        m[seg.slice].mul_(segment_mask(self, seg, mask, m))
+                apply_exp_avg_masks(self, bucket, m)
             else:  # (3) into a temporary, the same operations (m is kept on a skipped step); (4)-(6) with the flag
                 local = torch.empty_like(m)
                 for seg in bucket.segments:
                     sl, beta1 = seg.slice, seg.group["betas"][0]
                     torch.mul(m[sl], beta1, out=local[sl]).add_(grad[sl], alpha=1 - beta1)
                 mean = compressed.exchange(local, state, step=step, group=bucket.index, skip=skip)  # type: ignore[call-arg]
-                for seg in bucket.segments:  # (the plain exchange's own result buffer: ours to scale)
-                    mask = seg.group.get("exp_avg_mask")
-                    if mask is not None:
-                        mean[seg.slice].mul_(segment_mask(self, seg, mask, m))
+                apply_exp_avg_masks(self, bucket, mean)  # (the plain exchange's own result buffer: ours to scale)
                 assert skip.anywhere is not None, "the exchange records whether any rank skipped"
                 torch.where(skip.anywhere, m, mean, out=m)
                 del local, mean

@@ -13,7 +13,7 @@ from ..schedule import StepKind
 from ..state import FULL, PER_RANK, RANK_IDENTICAL, TRANSIENT, StateSpec
 from ..types import EXP_AVG, EXP_AVG_SQ, LRS, MASTER_PARAMS, MOMENTUM_ACCUMULATOR, STEP
 from .base import Bucket, CompressedOptimizer, Segment
-from .masks import check_exp_avg_mask, segment_mask
+from .masks import apply_exp_avg_masks, check_exp_avg_mask
 from .functional import adam_moments_, onebit_adam_direction
 from .zero_one_schedule import ZeroOneSchedule
 
@@ -310,10 +310,7 @@ class ZeroOneAdam(CompressedOptimizer):
         if self.transport.world_size == 1:
             return x
         out = self._exchange_for(bucket.index, x.numel()).exchange(x, state, step=step, group=bucket.index)
-        for seg in bucket.segments:
-            mask = seg.group.get("exp_avg_mask")
-            if mask is not None:
-                out[seg.slice].mul_(segment_mask(self, seg, mask, out))
+        apply_exp_avg_masks(self, bucket, out)
         return out
 
     @staticmethod
