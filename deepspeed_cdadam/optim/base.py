@@ -579,16 +579,34 @@ class CompressedOptimizer(torch.optim.Optimizer):
             prepared = {}
         self._prepared = prepared
         try:
-            for bucket, grad in zip(buckets, grads):
-                state = self.ensure_bucket_state(bucket, grad)
-                state[STEP] += 1
-                targets = self.update_targets(bucket.params, state)  # params, or their fp32 master copy
-                self.bucket_step(bucket, targets, state, grad, planned)
-                self.copy_master_to_params(bucket.params, state)
+            self._step_buckets(buckets, grads, planned)
         finally:
             self._prepared = {}
+        return self._finish_step(loss)
+
+    def _step_buckets(
+        self, buckets: list[Bucket], grads: list[torch.Tensor], planned: StepKind, skip: StepSkip | None = None
+    ) -> list[dict[str, Any]]:
+        """Per bucket: its step count + 1, one exchange and the update of its segments (``bucket_step``, with
+        ``skip`` where the step is decided on the device); returns the bucket states."""
+        states = []
+        for bucket, grad in zip(buckets, grads):
+            state = self.ensure_bucket_state(bucket, grad)
+            state[STEP] += 1
+            states.append(state)
+            targets = self.update_targets(bucket.params, state)  # params, or their fp32 master copy
+            if skip is None:
+                self.bucket_step(bucket, targets, state, grad, planned)
+            else:
+                self.bucket_step(bucket, targets, state, grad, planned, skip=skip)  # type: ignore[call-arg]
+            self.copy_master_to_params(bucket.params, state)
+        return states
+
+    def _finish_step(self, loss: Any) -> Any:
+        """After a step's buckets: count it, check the ranks where due, tell the framework what comes next."""
         self.steps_taken += 1
         if self.consistency_check_every and self.steps_taken % self.consistency_check_every == 0:
+            self._settle_skip()  # (a step decided on the device: its counts first)
             self.check_ranks_agree()
         self.notify_next_step()
         return loss
@@ -643,23 +661,11 @@ class CompressedOptimizer(torch.optim.Optimizer):
         ``nonfinite_grads="error"`` or counts the skip, on every rank alike.
         """
         skip = StepSkip(any_nonfinite(grads))
-        states = []
-        for bucket, grad in zip(buckets, grads):
-            state = self.bucket_state(bucket)
-            state[STEP] += 1
-            states.append(state)
-            targets = self.update_targets(bucket.params, state)
-            self.bucket_step(bucket, targets, state, grad, planned, skip=skip)  # type: ignore[call-arg]
-            self.copy_master_to_params(bucket.params, state)
-        self.steps_taken += 1
-        self._pending_skip = DecidedSkip(skip, states, self.steps_taken)
+        states = self._step_buckets(buckets, grads, planned, skip)
+        self._pending_skip = DecidedSkip(skip, states, self.steps_taken + 1)
         if self._next_plan_depends_on_this_step(states):
             self._settle_skip()
-        if self.consistency_check_every and self.steps_taken % self.consistency_check_every == 0:
-            self._settle_skip()
-            self.check_ranks_agree()
-        self.notify_next_step()
-        return loss
+        return self._finish_step(loss)
 
     def _next_plan_depends_on_this_step(self, states: list[dict[str, Any]]) -> bool:
         """Whether the next step's plan would differ if this step were skipped (1-bit Adam's freeze step)."""
